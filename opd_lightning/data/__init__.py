@@ -1,0 +1,5 @@
+from opd_lightning.data.batch import PromptBatch, SFTBatch
+from opd_lightning.data.datamodule import PromptDataModule
+from opd_lightning.data.tasks import DEFAULT_TASKS, TaskSpec
+
+__all__ = ["DEFAULT_TASKS", "PromptBatch", "PromptDataModule", "SFTBatch", "TaskSpec"]

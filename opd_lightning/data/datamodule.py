@@ -1,0 +1,290 @@
+"""The one `PromptDataModule` every stage shares.
+
+Training batches mix the teacher-aligned pool (weighted by domain) with a fixed share `ood_ratio` of
+out-of-distribution prompts, which is the recipe's guard against entropy collapse in OPD. Batch `g` of the
+run is drawn from a generator seeded by `(seed, g, rank)`, so the stream is deterministic, different on each
+data-parallel rank, and resumable at any step without replaying it. Validation keeps one held-out set per task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from opd_lightning.data.batch import PromptBatch, SFTBatch, pad_sequences
+from opd_lightning.data.tasks import DEFAULT_TASKS, TaskSpec, build_task
+
+
+@dataclass
+class Example:
+    """One tokenized item of a task pool."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]  # answer + EOS as the model should generate it; loss goes here in SFT
+    domain: str
+    aligned: bool
+    task: str
+    entry: dict
+
+
+def encode_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}
+    ]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def encode_answer(tokenizer, prompt_ids: list[int], question: str, answer: str, system_prompt: str | None) -> list[int]:
+    """The completion tokens the model is trained to produce after `prompt_ids`.
+
+    Taken from the chat template's assistant mask (`{% generation %}` markers) when the template has them;
+    templates without them (e.g. Qwen3's) fall back to "full conversation minus the generation prompt".
+    Either way the result must extend the generation prompt exactly, or training and sampling would see
+    different token sequences.
+    """
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        start = mask.index(1) if 1 in mask else len(ids)
+        end = len(mask) - mask[::-1].index(1) if 1 in mask else len(ids)
+        full_prefix, completion = ids[:start], ids[start:end]
+    else:
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        full_prefix, completion = ids[: len(prompt_ids)], ids[len(prompt_ids) :]
+        # the template's closing newline etc. after EOS is not something the model generates
+        if tokenizer.eos_token_id in completion:
+            completion = completion[: completion.index(tokenizer.eos_token_id) + 1]
+    if full_prefix != prompt_ids or not completion:
+        raise ValueError(
+            "the tokenizer's chat template does not render the conversation as generation prompt + answer; "
+            "the SFT loss mask cannot be derived from it (check tokenizer.chat_template)"
+        )
+    return completion
+
+
+class MixtureSampler:
+    """Which items make up batch `g`: an exact OOD share, then domains by weight, tasks by weight."""
+
+    def __init__(self, pools: dict[str, list[Example]], specs: list[TaskSpec], domain_weights: dict[str, float],
+                 ood_ratio: float, batch_size: int, seed: int):
+        self.pools, self.batch_size, self.seed, self.ood_ratio = pools, batch_size, seed, ood_ratio
+        aligned = [s for s in specs if s.aligned]
+        self.domains = sorted(domain_weights)
+        self.domain_probs = torch.tensor([domain_weights[d] for d in self.domains], dtype=torch.float64)
+        self.domain_tasks = {
+            d: ([s.name for s in aligned if s.domain == d], torch.tensor([s.weight for s in aligned if s.domain == d],
+                                                                          dtype=torch.float64))
+            for d in self.domains
+        }
+        ood = [s for s in specs if not s.aligned]
+        self.ood_tasks = ([s.name for s in ood], torch.tensor([s.weight for s in ood], dtype=torch.float64))
+
+    def batch(self, g: int, rank: int = 0) -> list[Example]:
+        # a distinct, reproducible stream per (seed, batch, rank): random access makes resuming free
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + g) * 1_009 + rank)
+        # stochastic rounding keeps the OOD share exact in expectation for any batch size
+        n_ood = math.floor(self.ood_ratio * self.batch_size)
+        n_ood += int(torch.rand((), generator=gen) < self.ood_ratio * self.batch_size - n_ood)
+        picks = [self._pick(*self.ood_tasks, gen) for _ in range(n_ood)]
+        domains = torch.multinomial(self.domain_probs, self.batch_size - n_ood, replacement=True, generator=gen)
+        picks += [self._pick(*self.domain_tasks[self.domains[d]], gen) for d in domains.tolist()]
+        return picks
+
+    def _pick(self, names: list[str], weights: torch.Tensor, gen: torch.Generator) -> Example:
+        name = names[torch.multinomial(weights, 1, generator=gen).item()]
+        pool = self.pools[name]
+        return pool[torch.randint(len(pool), (), generator=gen).item()]
+
+
+class _MixtureStream(IterableDataset):
+    """Yields whole collated batches; `len` is one epoch. A cursor counts batches since the run started."""
+
+    def __init__(self, sampler: MixtureSampler, collate: Callable, steps_per_epoch: int, rank: int):
+        self.sampler, self.collate, self.steps, self.rank = sampler, collate, steps_per_epoch, rank
+        self.cursor = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator:
+        # an epoch ends on the next multiple of steps_per_epoch, so a run resumed mid-epoch finishes it
+        end = (self.cursor // self.steps + 1) * self.steps
+        while self.cursor < end:
+            batch = self.collate(self.sampler.batch(self.cursor, self.rank))
+            self.cursor += 1
+            yield batch
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning saves and restores (it is `_Stateful`), so a resumed run continues the stream.
+
+    The saved position is the number of batches the trainer has *processed*, not the number this loader has
+    yielded: Lightning prefetches one batch ahead, so the latter would skip one batch on every resume.
+    """
+
+    def __init__(self, stream: _MixtureStream, processed: Callable[[], int] | None):
+        super().__init__(stream, batch_size=None, num_workers=0)
+        self._processed = processed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_processed": self._processed() if self._processed else self.dataset.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.dataset.cursor = int(state["batches_processed"])
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts from procedural tasks and local datasets, tagged by domain and teacher-aligned / OOD."""
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        tasks: list[TaskSpec] | None = None,
+        domain_weights: dict[str, float] | None = None,
+        ood_ratio: float = 0.0,
+        batch_size: int = 32,
+        val_batch_size: int = 64,
+        steps_per_epoch: int = 200,
+        max_prompt_length: int = 96,
+        max_answer_length: int = 32,
+        system_prompt: str | None = None,
+        train_format: Literal["sft", "prompts"] = "prompts",
+        seed: int = 0,
+    ):
+        """
+        Args:
+            tokenizer: the policy's tokenizer; linked from the model by the CLI (said once), or a local path.
+            tasks: prompt sources with their domain tags and aligned/OOD flags (default: the tiny world's tasks).
+            domain_weights: sampling weight of each aligned domain (default: uniform over aligned domains).
+            ood_ratio: share of every training batch drawn from the OOD tasks (`aligned: false`).
+            batch_size: prompts (or SFT examples) per training batch, per process.
+            val_batch_size: prompts per validation batch.
+            steps_per_epoch: training batches per epoch: sets the cadence of validation and epoch-end hooks.
+            max_prompt_length: longest allowed prompt in tokens (chat template included); longer is an error.
+            max_answer_length: longest allowed reference answer in tokens (SFT), EOS included.
+            system_prompt: optional system message prepended to every prompt (real chat models).
+            train_format: "sft" yields prompt+answer batches, "prompts" prompt-only; set by the stage.
+            seed: seeds task generation and the batch stream.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.specs = list(tasks) if tasks is not None else list(DEFAULT_TASKS)
+        if not self.specs:
+            raise ValueError("data.tasks is empty: list at least one task")
+        # build (and so name-check) every task now, before any data or model is touched
+        self.tasks = [build_task(s, f"data.tasks[{i}]") for i, s in enumerate(self.specs)]
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.tasks: task names must be unique, got {names}; give each a distinct `name`")
+        aligned_domains = sorted({s.domain for s in self.specs if s.aligned})
+        if domain_weights is None:
+            domain_weights = {d: 1.0 for d in aligned_domains}
+        for d, w in domain_weights.items():
+            if d not in aligned_domains:
+                raise ValueError(
+                    f"data.domain_weights has {d!r}, but no teacher-aligned task has that domain "
+                    f"(aligned domains: {aligned_domains}); add a task with domain {d!r} or remove the weight"
+                )
+            if w < 0:
+                raise ValueError(f"data.domain_weights[{d!r}] = {w} must be >= 0")
+        self.domain_weights = {d: w for d, w in domain_weights.items() if w > 0}
+        if not 0.0 <= ood_ratio <= 1.0:
+            raise ValueError(f"data.ood_ratio must be in [0, 1], got {ood_ratio}")
+        if ood_ratio > 0 and all(s.aligned for s in self.specs):
+            raise ValueError("data.ood_ratio > 0 but no task has `aligned: false`; add an OOD task or set ood_ratio: 0")
+        if ood_ratio < 1 and not self.domain_weights:
+            raise ValueError("data.domain_weights gives no aligned domain a positive weight")
+        for field_name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
+                                  ("steps_per_epoch", steps_per_epoch), ("max_prompt_length", max_prompt_length),
+                                  ("max_answer_length", max_answer_length)):
+            if value < 1:
+                raise ValueError(f"data.{field_name} must be >= 1, got {value}")
+        self.tokenizer = tokenizer
+        self.ood_ratio, self.batch_size, self.val_batch_size = ood_ratio, batch_size, val_batch_size
+        self.steps_per_epoch, self.seed, self.system_prompt = steps_per_epoch, seed, system_prompt
+        self.max_prompt_length, self.max_answer_length = max_prompt_length, max_answer_length
+        self.train_format = train_format
+        self.domains = sorted({s.domain for s in self.specs})
+        self.train_pools: dict[str, list[Example]] = {}
+        self.val_examples: list[Example] = []
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_pools:
+            return
+        if self.tokenizer is None:
+            raise ValueError("data.tokenizer is not set: the CLI links it from the model; pass one when used alone")
+        if isinstance(self.tokenizer, str):
+            from opd_lightning.models import check_local_path, load_tokenizer
+
+            self.tokenizer = load_tokenizer(check_local_path(self.tokenizer, "data.tokenizer"))
+        for i, (spec, task) in enumerate(zip(self.specs, self.tasks)):
+            train, val = task.split(self.seed + 7919 * i)
+            self.train_pools[spec.name] = [self._encode(spec, item, i) for item in train]
+            self.val_examples += [self._encode(spec, item, i) for item in val]
+
+    def _encode(self, spec: TaskSpec, item: dict, i: int) -> Example:
+        prompt = encode_prompt(self.tokenizer, item["question"], self.system_prompt)
+        if len(prompt) > self.max_prompt_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} is shorter than a prompt of task "
+                f"data.tasks[{i}] ({spec.name!r}): {len(prompt)} tokens for {item['question'][:80]!r}. "
+                "Raise data.max_prompt_length or make the task's prompts shorter."
+            )
+        answer: list[int] = []
+        if self.train_format == "sft":
+            answer = encode_answer(self.tokenizer, prompt, item["question"], item["answer"], self.system_prompt)
+            if len(answer) > self.max_answer_length:
+                raise ValueError(
+                    f"data.max_answer_length={self.max_answer_length} is shorter than a reference answer of task "
+                    f"data.tasks[{i}] ({spec.name!r}): {len(answer)} tokens. Raise data.max_answer_length."
+                )
+        return Example(prompt, answer, spec.domain, spec.aligned, spec.name, item)
+
+    # ---------------------------------------------------------------------------------------- loaders
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
+                                 self.batch_size, self.seed)
+        collate = self.collate_sft if self.train_format == "sft" else self.collate_prompts
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        processed = (lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed) if trainer else None
+        return ResumableLoader(_MixtureStream(sampler, collate, self.steps_per_epoch, rank), processed)
+
+    def val_dataloader(self) -> DataLoader:
+        # validation is by generation on prompts; every rank takes its own slice (Lightning's distributed
+        # sampler handles the split) and per-domain metrics are summed across ranks
+        return DataLoader(self.val_examples, batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=self.collate_prompts)
+
+    def collate_prompts(self, examples: list[Example]) -> PromptBatch:
+        ids = pad_sequences([e.prompt_ids for e in examples], self.tokenizer.pad_token_id, "left")
+        mask = pad_sequences([[1] * len(e.prompt_ids) for e in examples], 0, "left", dtype=torch.bool)
+        return PromptBatch(
+            prompt_ids=ids, prompt_mask=mask, domains=[e.domain for e in examples],
+            aligned=torch.tensor([e.aligned for e in examples]), tasks=[e.task for e in examples],
+            entries=[e.entry for e in examples],
+        )
+
+    def collate_sft(self, examples: list[Example]) -> SFTBatch:
+        seqs = [e.prompt_ids + e.answer_ids for e in examples]
+        return SFTBatch(
+            input_ids=pad_sequences(seqs, self.tokenizer.pad_token_id, "right"),
+            attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0, "right", dtype=torch.bool),
+            loss_mask=pad_sequences([[0] * len(e.prompt_ids) + [1] * len(e.answer_ids) for e in examples], 0,
+                                    "right", dtype=torch.bool),
+            domains=[e.domain for e in examples], tasks=[e.task for e in examples],
+        )

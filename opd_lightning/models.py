@@ -1,0 +1,221 @@
+"""Loading policies, teachers and tokenizers from local Hugging Face folders, and the offline tiny world.
+
+Every model in the kit goes through `load_tokenizer` / `load_causal_lm`, i.e. the `transformers` Auto
+classes on a local path, safetensors only and no remote code unless asked. The same YAML therefore runs a
+Qwen3 checkpoint on GPUs and the tiny model built here on a laptop CPU.
+
+The tiny world (`build_tiny`, console script `opd-tiny`) needs no network: a byte-level BPE tokenizer is
+trained in about a second on text from the kit's own procedural tasks, and a small Qwen3-architecture
+causal LM is initialised from a config. Digits are split one per token (as Qwen's and Llama's tokenizers
+do) because glued digits make arithmetic much harder to learn for a tiny model (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+# Qwen-style chat markup. The {% generation %} markers make `return_assistant_tokens_mask=True` work, which
+# is where the SFT loss mask comes from; `<|im_end|>` closes every turn and is the EOS the model must learn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# name -> Qwen3Config overrides. Parameter counts are with the ~1k-token tiny vocabulary and tied embeddings.
+TINY_SIZES: dict[str, dict] = {
+    "1m": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32),
+    "10m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=10, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=32),
+}
+
+
+def check_local_path(path: str | os.PathLike, field: str) -> Path:
+    """Fail early, naming the config field, when a model/tokenizer folder is missing (no hub fallback)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{field}={str(path)!r}: no such local folder. Models and tokenizers load from local paths only "
+            f"(no hub downloads). Point {field} at a Hugging Face model folder, or build the offline tiny "
+            f"model there with `opd-tiny {path} --size 1m` (or set tiny_size in the config)."
+        )
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    # Generation batches prompts of different lengths: left padding keeps every prompt's last token at
+    # the right edge so decoding starts at the same step for all rows.
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> torch.nn.Module:
+    """Load a causal LM from a local folder: safetensors only, never from the hub."""
+    kwargs = dict(
+        dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        local_files_only=True,
+    )
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def check_same_tokenizer(reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str) -> None:
+    """Distillation compares distributions token by token, so the vocabularies must be identical."""
+    problems = []
+    if len(reference) != len(other):
+        problems.append(f"vocabulary size {len(other)} != student's {len(reference)}")
+    elif reference.get_vocab() != other.get_vocab():
+        problems.append("same vocabulary size but different token ids")
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(reference, attr) != getattr(other, attr):
+            problems.append(f"{attr} {getattr(other, attr)} != student's {getattr(reference, attr)}")
+    if problems:
+        raise ValueError(
+            f"{name}: tokenizer does not match the student's ({'; '.join(problems)}). Token-level distillation "
+            "needs one shared tokenizer: use a teacher from the same model family, or re-tokenize."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- tiny world
+
+
+def tiny_corpus(num_per_task: int = 500, seed: int = 0) -> list[str]:
+    """Text from every default task (questions and answers) to train the tiny tokenizer on."""
+    from opd_lightning.data.tasks import DEFAULT_TASKS, build_task
+
+    texts = []
+    for spec in DEFAULT_TASKS:
+        task = build_task(spec)
+        for item in task.generate(num_per_task, seed=seed):
+            texts.append(item["question"])
+            texts.append(item["answer"])
+    # the chat markup's role names appear in every prompt: let them become single tokens
+    texts += ["user\nassistant\nsystem\n"] * num_per_task
+    return texts
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerBase:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        bos_token=None,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, size: str = "1m", seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if size not in TINY_SIZES:
+        raise ValueError(f"tiny size {size!r} is unknown; choose one of {sorted(TINY_SIZES)}")
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        **TINY_SIZES[size],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_tiny(out_dir: str | os.PathLike, size: str = "1m", *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build (tokenizer + randomly initialised model) into `out_dir`, atomically.
+
+    The folder appears all at once (written to a sibling temp dir, then renamed), so several processes
+    (DDP ranks, parallel tests) may call this on the same path: the first rename wins and the others keep
+    what is there. The build is seeded, so every caller would have written the same files anyway.
+    """
+    out = Path(out_dir).expanduser()
+    if out.is_dir() and not overwrite:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(tiny_corpus(seed=seed))
+    model = build_tiny_model(tokenizer, size, seed=seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():  # a real failure, not a lost race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(path: str, tiny_size: str | None, field: str) -> Path:
+    """The folder to load, building the tiny model there first when `tiny_size` asks for it."""
+    if tiny_size is not None and not Path(path).expanduser().is_dir():
+        build_tiny(path, tiny_size)
+    return check_local_path(path, field)
+
+
+def tiny_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the offline tiny tokenizer + Qwen3 model in HF format.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", default="1m", choices=sorted(TINY_SIZES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    out = build_tiny(args.out_dir, args.size, seed=args.seed, overwrite=args.overwrite)
+    model = load_causal_lm(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny {args.size} model: {n / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, saved to {out}")
+
+
+if __name__ == "__main__":
+    tiny_main()

@@ -1,0 +1,191 @@
+"""What every stage shares: the policy and its tokenizer, optimiser wiring, validation by generation.
+
+Kept deliberately thin (no stage flags here): a stage subclasses `PolicyModule`, declares which batches it
+trains on (`train_format`), and writes its own `training_step` top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.optim.lr_scheduler import LambdaLR
+
+from opd_lightning import rewards
+from opd_lightning.data.batch import PromptBatch
+from opd_lightning.metrics import DomainMean
+from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path
+from opd_lightning.rollout import SamplingConfig, generate
+
+
+@dataclass
+class EvalConfig:
+    """Validation by generation: greedy answers to each task's held-out prompts, scored by its verifier."""
+
+    max_new_tokens: int = 32
+    """Generation budget per validation answer (EOS included)."""
+    samples_to_log: int = 3
+    """Sample completions per task written to TensorBoard as text at each validation."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.samples_to_log < 0:
+            raise ValueError(f"eval.samples_to_log must be >= 0, got {self.samples_to_log}")
+
+
+class WarmupLinearDecay(LambdaLR):
+    """Linear warm-up to the base LR, then linear decay to `min_ratio` × base LR at `total_steps`.
+
+    `total_steps=None` takes the trainer's step budget (`estimated_stepping_batches`) so `max_steps` is said
+    once, in the trainer section.
+    """
+
+    def __init__(self, optimizer, warmup_steps: int = 0, total_steps: int | None = None, min_ratio: float = 0.0):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not self.total_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 1.0 - (1.0 - self.min_ratio) * progress
+
+
+class PolicyModule(L.LightningModule):
+    """A trainable policy (an HF causal LM from a local folder) with validation by generation."""
+
+    train_format: Literal["sft", "prompts"] = "prompts"
+
+    def __init__(
+        self,
+        model: str,
+        tiny_size: str | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        eval: EvalConfig | None = None,
+    ):
+        """
+        Args:
+            model: local folder of the policy (HF format: config, safetensors, tokenizer).
+            tiny_size: when set ("1m" or "10m") and `model` does not exist yet, build the offline tiny
+                model there first. Leave unset for real checkpoints, so a wrong path is an error.
+            dtype: parameter dtype; float32 on CPU (bf16 is 11-30x slower there), bfloat16 on GPUs.
+            trust_remote_code: allow custom modelling code shipped with the checkpoint (off by default).
+            gradient_checkpointing: recompute activations in backward to save memory (big models).
+            optimizer: the optimiser, chosen in YAML (class_path + init_args).
+            lr_scheduler: optional LR scheduler, stepped every optimiser step.
+            eval: validation-by-generation settings.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_path = resolve_model_path(model, tiny_size, "model.model")
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.eval_config = eval or EvalConfig()
+        self.policy: torch.nn.Module | None = None
+        self._val_samples: list[str] = []
+
+    # ------------------------------------------------------------------------------------ building
+
+    def configure_model(self) -> None:
+        # Lightning's hook for sharded strategies; idempotent because it may be called more than once.
+        if self.policy is not None:
+            return
+        self.policy = self.load_policy(self.model_path)
+        self.policy.train()  # from_pretrained returns eval-mode modules
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            self.policy.config.use_cache = False
+
+    def load_policy(self, path) -> torch.nn.Module:
+        return load_causal_lm(path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.val_accuracy = DomainMean(datamodule.domains)
+        self.val_task_accuracy = DomainMean([s.name for s in datamodule.specs])
+        if self.policy is not None:
+            self._check_context(datamodule)
+
+    def on_fit_start(self) -> None:
+        self._check_context(self.trainer.datamodule)
+
+    def _check_context(self, datamodule) -> None:
+        limit = getattr(self.policy.config, "max_position_embeddings", None)  # not every config has one
+        need = datamodule.max_prompt_length + max(self.eval_config.max_new_tokens, self.max_new_tokens())
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"data.max_prompt_length + max new tokens = {need} exceeds the model's context "
+                f"({limit} positions); lower one of them"
+            )
+
+    def max_new_tokens(self) -> int:
+        """Longest completion the stage trains on (stages that sample override this)."""
+        return self.trainer.datamodule.max_answer_length
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.policy.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- mechanics
+
+    def token_normalizer(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per-process share of the global token count, so a token-mean loss averaged by DDP over ranks
+        equals the mean over all tokens of all ranks (verl's `agg_loss` rule)."""
+        count = mask.sum().float()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum") / self.trainer.world_size
+        return count.clamp(min=1.0)
+
+    def sample(self, policy, batch: PromptBatch, config: SamplingConfig, generator=None):
+        """Roll out `policy` on the batch's prompts, in lockstep across ranks when data-parallel."""
+        if self.trainer.world_size > 1 and not config.sync_ranks:
+            config = SamplingConfig(**{**config.__dict__, "sync_ranks": True})
+        return generate(
+            policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, domains=batch.domains, generator=generator,
+        )
+
+    # --------------------------------------------------------------------------- validation by generation
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        config = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens, temperature=0.0)
+        completions = self.sample(self.policy, batch, config).decode(self.tokenizer)
+        scores = torch.tensor(rewards.correctness(completions, batch.entries), device=self.device)
+        self.val_accuracy.update(scores, batch.domains)
+        self.val_task_accuracy.update(scores, batch.tasks)
+        shown: dict[str, int] = {}
+        for task, entry, text, s in zip(batch.tasks, batch.entries, completions, scores.tolist()):
+            if len(self._val_samples) < 64 and shown.get(task, 0) < self.eval_config.samples_to_log:
+                shown[task] = shown.get(task, 0) + 1
+                self._val_samples.append(
+                    f"| {task} | {entry['question'][:120]!r} | {text!r} | {entry['answer']!r} | {s:.2f} |"
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        by_domain = self.val_accuracy.compute()
+        overall = self.val_accuracy.total.sum() / self.val_accuracy.count.sum().clamp(min=1)
+        self.log_dict({f"val/accuracy/{d}": v for d, v in by_domain.items()}, sync_dist=False)
+        self.log_dict({f"val/task_accuracy/{t}": v for t, v in self.val_task_accuracy.compute().items()})
+        self.log("val/accuracy", overall, prog_bar=True)
+        self.val_accuracy.reset()
+        self.val_task_accuracy.reset()
+        if self._val_samples and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            table = "| task | prompt | completion | reference | score |\n|---|---|---|---|---|\n"
+            self.logger.experiment.add_text("val/samples", table + "\n".join(self._val_samples), self.global_step)
+        self._val_samples = []
