@@ -85,6 +85,15 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
+def load_frozen(path: str | os.PathLike, *, dtype: torch.dtype | str, field: str,
+                trust_remote_code: bool = False) -> torch.nn.Module:
+    """A teacher or reference model: eval mode (no dropout), no gradients, in the policy's dtype."""
+    model = load_causal_lm(check_local_path(path, field), dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def check_same_tokenizer(reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str) -> None:
     """Distillation compares distributions token by token, so the vocabularies must be identical."""
     problems = []

@@ -62,6 +62,9 @@ class PolicyModule(L.LightningModule):
     """A trainable policy (an HF causal LM from a local folder) with validation by generation."""
 
     train_format: Literal["sft", "prompts"] = "prompts"
+    frozen_modules: tuple[str, ...] = ()
+    """Attribute names of frozen submodules (teachers, reference). They are rebuilt from their own paths in
+    `configure_model`, so checkpoints leave them out: a resume does not re-save gigabytes of teacher weights."""
 
     def __init__(
         self,
@@ -141,6 +144,24 @@ class PolicyModule(L.LightningModule):
         if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def _is_frozen_key(self, key: str) -> bool:
+        return any(key.startswith(f"{name}.") for name in self.frozen_modules)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen_key(k)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not self._is_frozen_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not match the stage: missing keys {missing[:5]}, unexpected keys "
+                f"{result.unexpected_keys[:5]} (was it written by another stage or model?)"
+            )
+        return result
 
     # ---------------------------------------------------------------------------------- mechanics
 
