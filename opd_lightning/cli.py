@@ -22,6 +22,8 @@ from opd_lightning.stages.base import PolicyModule  # noqa: E402
 
 class OPDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # Always on, configurable as `export:` in YAML (dirpath defaults to <run log dir>/hf).
+        parser.add_lightning_class_args(HFExport, "export")
         # Said once: the data pipeline uses the policy's own tokenizer, and the stage decides whether it
         # trains on prompt+answer (SFT, ColdStart) or prompts only (GRPO, OPD).
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
@@ -33,7 +35,6 @@ def build_cli(args=None, run: bool = True) -> OPDCLI:
         PolicyModule,
         PromptDataModule,
         subclass_mode_model=True,
-        trainer_defaults={"callbacks": [HFExport()]},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -9,6 +9,7 @@ data-parallel rank, and resumable at any step without replaying it. Validation k
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -231,7 +232,8 @@ class PromptDataModule(L.LightningDataModule):
 
             self.tokenizer = load_tokenizer(check_local_path(self.tokenizer, "data.tokenizer"))
         for i, (spec, task) in enumerate(zip(self.specs, self.tasks)):
-            train, val = task.split(self.seed + 7919 * i)
+            # seeded by name, not position: a task's held-out set is the same in every config that uses it
+            train, val = task.split(self.seed + zlib.crc32(spec.name.encode()))
             self.train_pools[spec.name] = [self._encode(spec, item, i) for item in train]
             self.val_examples += [self._encode(spec, item, i) for item in val]
 

@@ -54,15 +54,17 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: need size >= 1 and val_size >= 0")
 
 
-# The tasks the tiny world is built around: short answers a ~1M model can learn (PLATFORM.md).
+# The tasks the tiny world is built around: short answers a ~1M model can learn (PLATFORM.md). One aligned
+# task per domain (what the experts are post-trained on) and one OOD task per domain. Reversing a list of
+# words is token-level copying, learnable by a tiny model; spelling backward needs the letters inside BPE
+# tokens, which makes it a good "hard, out-of-distribution" probe.
 DEFAULT_TASKS: list[TaskSpec] = [
     TaskSpec("basic_arithmetic", "math",
              config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=["+", "-"],
                          allow_parentheses=False, allow_negation=False)),
-    TaskSpec("spell_backward", "string", config=dict(min_word_len=3, max_word_len=5)),
-    TaskSpec("chain_sum", "math", aligned=False,
-             config=dict(min_terms=3, max_terms=3, min_digits=1, max_digits=1)),
-    TaskSpec("word_sequence_reversal", "string", aligned=False, config=dict(min_words=2, max_words=3)),
+    TaskSpec("word_sequence_reversal", "string", config=dict(min_words=2, max_words=3)),
+    TaskSpec("chain_sum", "math", aligned=False, config=dict(min_terms=3, max_terms=3, min_digits=1, max_digits=1)),
+    TaskSpec("spell_backward", "string", aligned=False, config=dict(min_word_len=3, max_word_len=5)),
 ]
 
 

@@ -91,7 +91,7 @@ class PolicyModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model_path = resolve_model_path(model, tiny_size, "model.model")
+        self.model_path = resolve_model_path(model, tiny_size, "model.init_args.model")
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_config = eval or EvalConfig()
