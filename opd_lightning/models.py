@@ -188,7 +188,8 @@ def build_tiny(out_dir: str | os.PathLike, size: str = "1m", *, seed: int = 0, o
     if out.is_dir() and not overwrite:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(tiny_corpus(seed=seed))
+    # the tokenizer does not depend on `seed`: tiny models of any seed share it, so they can teach each other
+    tokenizer = build_tiny_tokenizer(tiny_corpus())
     model = build_tiny_model(tokenizer, size, seed=seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
