@@ -172,7 +172,7 @@ def completion_nll(
 # --------------------------------------------------------------------------------------------------
 
 
-def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token, from log-probs ``[..., V]``."""
     # Written as p * (log p - log q) rather than sum(p log p) - sum(p log q): the difference is
     # exactly 0 for identical inputs and suffers no cancellation when the two are close.
@@ -194,9 +194,9 @@ def _log_mixture_ratio(d: Tensor, w: float) -> Tensor:
 
 
 def _kl_to_mixture(logp: Tensor, logq: Tensor, w: float) -> Tensor:
-    """``KL(p || w p + (1 - w) q)`` per token for ``0 <= w <= 1``; ``_kl(logp, logq)`` at ``w = 0``."""
+    """``KL(p || w p + (1 - w) q)`` per token for ``0 <= w <= 1``; ``kl_divergence(logp, logq)`` at ``w = 0``."""
     if w == 0.0:
-        return _kl(logp, logq)
+        return kl_divergence(logp, logq)
     if w == 1.0:  # m = p; the mixture ratio's log1p(-1) would be -inf for large d
         return torch.zeros_like(logp[..., 0])
     return -(logp.exp() * _log_mixture_ratio(logq - logp, w)).sum(-1)
@@ -211,7 +211,7 @@ def forward_kl(
     distillation; GKD ``beta = 0``). Normalisation: ``normalizer`` (default local ``mask.sum()``),
     see :func:`masked_mean`. Metrics: ``forward_kl``.
     """
-    per_token = _kl(_log_softmax(teacher_logits), _log_softmax(student_logits))
+    per_token = kl_divergence(_log_softmax(teacher_logits), _log_softmax(student_logits))
     return masked_mean(per_token, mask, normalizer), {"forward_kl": _local_mean(per_token, mask)}
 
 
@@ -224,7 +224,7 @@ def reverse_kl(
     ignores (MiniLLM, Gu et al. 2024; on-policy distillation, Agarwal et al. 2024). Normalisation:
     ``normalizer`` (default local ``mask.sum()``), see :func:`masked_mean`. Metrics: ``reverse_kl``.
     """
-    per_token = _kl(_log_softmax(student_logits), _log_softmax(teacher_logits))
+    per_token = kl_divergence(_log_softmax(student_logits), _log_softmax(teacher_logits))
     return masked_mean(per_token, mask, normalizer), {"reverse_kl": _local_mean(per_token, mask)}
 
 
@@ -258,9 +258,9 @@ def generalized_jsd(
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     logp_s, logp_t = _log_softmax(student_logits), _log_softmax(teacher_logits)
     if beta == 0.0:
-        per_token = _kl(logp_t, logp_s)
+        per_token = kl_divergence(logp_t, logp_s)
     elif beta == 1.0:
-        per_token = _kl(logp_s, logp_t)
+        per_token = kl_divergence(logp_s, logp_t)
     else:
         # KL(p_T || m) mixes p_T with weight beta; KL(p_S || m) mixes p_S with weight 1 - beta.
         per_token = beta * _kl_to_mixture(logp_t, logp_s, beta) + (1.0 - beta) * _kl_to_mixture(

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from opd_lightning.losses import kl_divergence
+
 __all__ = ["DomainMean", "token_entropy", "topk_overlap"]
 
 
@@ -34,6 +36,14 @@ def token_entropy(logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def token_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Exact ``KL(p || q)`` per token over the full vocabulary, ``[..., V] -> [...]`` (monitoring; no grad).
+
+    With the student as ``p`` this is the per-token reverse KL that OPD minimises."""
+    return kl_divergence(_upcast(p_logits).log_softmax(-1), _upcast(q_logits).log_softmax(-1))
+
+
 def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> dict[str, Tensor]:
     """How much the student's and the teacher's top-k next tokens agree, per token.
 

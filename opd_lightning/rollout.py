@@ -25,6 +25,7 @@ token for token (tests/test_rollout.py). On GPUs with real models the forward do
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from opd_lightning.losses import token_logprobs
 
-__all__ = ["Rollout", "SamplingConfig", "completion_logprobs", "generate"]
+__all__ = ["Rollout", "SamplingConfig", "completion_logits", "completion_logprobs", "generate"]
 
 
 @dataclass
@@ -117,6 +118,16 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
+
+    def select(self, rows: Tensor) -> Rollout:
+        """The rows ``rows`` ([n] long) of this rollout, e.g. a minibatch; ``prompt_index`` still points
+        into the source batch."""
+        picked = rows.tolist()
+        return dataclasses.replace(
+            self,
+            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if f.name != "domains"},
+            domains=[self.domains[i] for i in picked],
+        )
 
     def decode(self, tokenizer) -> list[str]:
         """Completion texts, special tokens (EOS, pad) dropped."""
@@ -340,6 +351,31 @@ def generate(
     )
 
 
+def completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_length: int
+) -> Tensor:
+    """Teacher-forced logits that predict each completion token: ``[n, C, V]``, in the model's dtype.
+
+    ``input_ids`` / ``attention_mask`` are ``[n, P + C]`` prompt + completion (``Rollout.input_ids``); position
+    ``j`` of the output is the distribution of completion token ``j``. Same position ids as sampling (real
+    tokens only, so left padding does not shift RoPE), hence the same distributions the rollout saw. The one
+    forward rule shared by the policy recompute, the reference and the teachers. Grad mode is the caller's.
+    """
+    c = completion_length
+    attention_mask = attention_mask.long()
+    kwargs = {"use_cache": False, "return_dict": True}
+    if _accepts(model, "logits_to_keep"):
+        # Only positions P-1 .. P+C-1 are needed; the last predicts past the completion and is dropped.
+        kwargs["logits_to_keep"] = c + 1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        **kwargs,
+    ).logits
+    return logits[:, -(c + 1) : -1]
+
+
 def completion_logprobs(
     model: nn.Module,
     rollout: Rollout,
@@ -355,28 +391,16 @@ def completion_logprobs(
     that sampled. Grad mode is the caller's: wrap in ``torch.no_grad()`` for a reference model,
     leave it on for the policy. Under FSDP every rank must make the same number of micro-batches.
     """
-    n, p = rollout.prompt_ids.shape
+    n = rollout.prompt_ids.shape[0]
     c = rollout.completion_ids.shape[1]
     if c == 0:
         return torch.zeros((n, 0), dtype=torch.float32, device=rollout.completion_ids.device)
-    input_ids = rollout.input_ids  # [N, P + C]
-    attention_mask = rollout.attention_mask.long()  # [N, P + C]
-    position_ids = _position_ids(attention_mask)
-    kwargs = {"use_cache": False, "return_dict": True}
-    if _accepts(model, "logits_to_keep"):
-        # Logits at P-1 .. P+C-1; the last predicts past the completion and is dropped below.
-        kwargs["logits_to_keep"] = c + 1
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # [N, P + C]
     chunk = micro_batch_size or n
     pieces = []
     for lo in range(0, n, chunk):
         rows = slice(lo, lo + chunk)
-        logits = model(
-            input_ids=input_ids[rows],
-            attention_mask=attention_mask[rows],
-            position_ids=position_ids[rows],
-            **kwargs,
-        ).logits
-        logits = logits[:, -(c + 1) : -1]  # [n, C, V], predicts completion token j
+        logits = completion_logits(model, input_ids[rows], attention_mask[rows], c)  # [n, C, V]
         pieces.append(token_logprobs(logits, rollout.completion_ids[rows], temperature=temperature))
     logprobs = torch.cat(pieces, dim=0)
     return logprobs.masked_fill(~rollout.completion_mask, 0.0)

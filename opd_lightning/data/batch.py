@@ -50,3 +50,19 @@ def pad_sequences(seqs: list[list[int]], pad_value: int, side: str, dtype=None) 
             else:
                 out[i, : len(s)] = row
     return out
+
+
+def make_sft_batch(prompts: list[list[int]], completions: list[list[int]], domains: list[str], tasks: list[str],
+                   pad_token_id: int) -> SFTBatch:
+    """Prompt + completion token lists as one right-padded batch, the loss mask on the completions."""
+    import torch
+
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    return SFTBatch(
+        input_ids=pad_sequences(seqs, pad_token_id, "right"),
+        attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0, "right", dtype=torch.bool),
+        loss_mask=pad_sequences([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, "right",
+                                dtype=torch.bool),
+        domains=list(domains),
+        tasks=list(tasks),
+    )

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from opd_lightning.data.batch import PromptBatch, SFTBatch, pad_sequences
+from opd_lightning.data.batch import PromptBatch, SFTBatch, make_sft_batch, pad_sequences
 from opd_lightning.data.tasks import DEFAULT_TASKS, TaskSpec, build_task
 
 
@@ -282,11 +282,5 @@ class PromptDataModule(L.LightningDataModule):
         )
 
     def collate_sft(self, examples: list[Example]) -> SFTBatch:
-        seqs = [e.prompt_ids + e.answer_ids for e in examples]
-        return SFTBatch(
-            input_ids=pad_sequences(seqs, self.tokenizer.pad_token_id, "right"),
-            attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0, "right", dtype=torch.bool),
-            loss_mask=pad_sequences([[0] * len(e.prompt_ids) + [1] * len(e.answer_ids) for e in examples], 0,
-                                    "right", dtype=torch.bool),
-            domains=[e.domain for e in examples], tasks=[e.task for e in examples],
-        )
+        return make_sft_batch([e.prompt_ids for e in examples], [e.answer_ids for e in examples],
+                              [e.domain for e in examples], [e.task for e in examples], self.tokenizer.pad_token_id)

@@ -184,18 +184,17 @@ class PolicyModule(L.LightningModule):
 
     # --------------------------------------------------------------------------- validation by generation
 
-    def log_val_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def log_val_metrics(self, metrics: dict[str, torch.Tensor], prog_bar: tuple[str, ...] = ()) -> None:
         """Log epoch-level validation metrics (already reduced across ranks by torchmetrics).
 
         Lightning discards what is logged during the sanity check, but with `num_sanity_val_steps: -1`
         that pass is the "before training" point of every curve, so it goes straight to the logger at step 0.
         """
-        if self.trainer.sanity_checking:
-            if self.logger is not None and self.trainer.is_global_zero:
-                self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
-            return
-        self.log("val/accuracy", metrics.pop("val/accuracy"), prog_bar=True)
-        self.log_dict(metrics)
+        if not self.trainer.sanity_checking:
+            for name, value in metrics.items():
+                self.log(name, value, prog_bar=name in prog_bar)
+        elif self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         config = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens, temperature=0.0)
@@ -212,13 +211,12 @@ class PolicyModule(L.LightningModule):
                 )
 
     def on_validation_epoch_end(self) -> None:
-        overall = self.val_accuracy.total.sum() / self.val_accuracy.count.sum().clamp(min=1)
         metrics = {
-            "val/accuracy": overall,
+            "val/accuracy": self.val_accuracy.total.sum() / self.val_accuracy.count.sum().clamp(min=1),
             **{f"val/accuracy/{d}": v for d, v in self.val_accuracy.compute().items()},
             **{f"val/task_accuracy/{t}": v for t, v in self.val_task_accuracy.compute().items()},
         }
-        self.log_val_metrics(metrics)
+        self.log_val_metrics(metrics, prog_bar=("val/accuracy",))
         self.val_accuracy.reset()
         self.val_task_accuracy.reset()
         if self._val_samples and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:

@@ -1,0 +1,348 @@
+"""Multi-expert on-policy distillation: the student samples, each sample's routed teacher grades every token.
+
+The last stage of the recipe (MiMo-V2's MOPD, DeepSeek-V4's specialist distillation, Qwen3's strong-to-weak
+step): the student rolls out on a mixture of domains; each prompt's domain tag routes its completion to that
+domain's expert (``teachers:`` in YAML, plus an optional ``default``), and the student moves towards the
+expert on its own samples. On-policy samples avoid the train/test mismatch of SFT on teacher text (Agarwal
+et al. 2024, GKD), and the per-token teacher signal is far denser than a task reward (Lu et al. 2025,
+Thinking Machines, "On-Policy Distillation").
+
+One batch, top to bottom: prompts -> rollouts (the student's; for GKD's off-policy share, the routed teachers')
+-> student logits (with grad) and routed teacher scores (without) -> verifier reward -> loss. The loss is
+chosen in YAML (:class:`DistillConfig`):
+
+* ``sampled_reverse_kl``: per-token advantage ``A_t = -coef (log p_S(y_t) - log p_T(y_t))`` (optionally
+  discounted, plus a weighted task reward) in a policy-gradient loss: the Thinking Machines / MOPD recipe;
+  needs only the teacher's log-prob of the sampled token.
+* ``reverse_kl`` (full vocabulary, or a top-k support plus a tail bucket), ``forward_kl``,
+  ``generalized_jsd`` (``beta``), ``skew_kl`` / ``skew_reverse_kl`` (``alpha``): analytic divergences at
+  every sampled position, from :mod:`opd_lightning.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from opd_lightning import rewards
+from opd_lightning.data.batch import PromptBatch
+from opd_lightning.losses import (
+    Metrics,
+    Normalizer,
+    distillation_advantages,
+    forward_kl,
+    generalized_jsd,
+    group_advantages,
+    masked_mean,
+    policy_gradient_loss,
+    reverse_kl,
+    sampled_reverse_kl,
+    skew_kl,
+    token_logprobs,
+    topk_reverse_kl,
+)
+from opd_lightning.metrics import DomainMean
+from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
+from opd_lightning.stages.base import PolicyModule
+from opd_lightning.teachers import TeacherPool, TeacherScores
+
+LOSSES = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
+# Per-token diagnostics of TeacherScores.stats, logged per teacher and per domain.
+STATS = (
+    "reverse_kl",
+    "student_entropy",
+    "teacher_entropy",
+    "topk_overlap",
+    "student_shared_mass",
+    "teacher_shared_mass",
+)
+
+
+@dataclass
+class DistillConfig:
+    """What the student minimises against its routed teacher, and how the batch is scored."""
+
+    loss: str = "reverse_kl"
+    """One of sampled_reverse_kl, reverse_kl, forward_kl, generalized_jsd, skew_kl, skew_reverse_kl."""
+    top_k: int | None = None
+    """reverse_kl only: compare on a top-k support plus a tail bucket (O(k) teacher memory per token)
+    instead of the full vocabulary; null for the exact full-vocabulary loss."""
+    top_k_from: Literal["teacher", "student", "union"] = "teacher"
+    """Whose top-k ids make the support: the teacher's, the student's, or both (2k ids, deduplicated)."""
+    beta: float = 0.5
+    """generalized_jsd: teacher weight of the mixture, in [0, 1] (0 = forward KL, 1 = reverse KL)."""
+    alpha: float = 0.1
+    """skew_kl / skew_reverse_kl: share of the first distribution mixed into the second, in [0, 1]."""
+    kl_coef: float = 1.0
+    """sampled_reverse_kl: scale of the per-token reward -(log p_S - log p_T)."""
+    discount: float = 0.0
+    """sampled_reverse_kl: discount of future per-token rewards in [0, 1]; 0 = each token on its own."""
+    clip_eps: float = 0.2
+    """sampled_reverse_kl: PPO ratio clip (a no-op with one update per batch, the ratio is 1)."""
+    reward_weight: float = 0.0
+    """sampled_reverse_kl: weight of the verifier's task reward added to every token's advantage (the
+    OPD + RL hybrid); 0 turns it off. The reward is still computed for the train accuracy log."""
+    reward_normalization: Literal["group", "none"] = "group"
+    """How the task reward enters the advantage: "group" = GRPO's group-relative advantage over the
+    sampling.num_samples completions of a prompt (needs num_samples >= 2); "none" = the raw reward."""
+    off_policy_ratio: float = 0.0
+    """Fraction of batches (GKD's 1 - lambda) whose completions the routed teachers sample instead of the
+    student; analytic losses only. 0 = fully on-policy."""
+    overlap_k: int = 8
+    """k of the logged top-k overlap / shared-mass diagnostics."""
+    micro_batch_size: int | None = None
+    """Rows per teacher forward (bounds teacher activation and logit memory); null = all routed rows."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"distill.loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        if self.top_k is not None:
+            if self.top_k < 1:
+                raise ValueError(f"distill.top_k must be >= 1 or null, got {self.top_k}")
+            if self.loss != "reverse_kl":
+                raise ValueError(f"distill.top_k applies to loss reverse_kl only, got loss {self.loss!r}")
+        if self.top_k_from not in ("teacher", "student", "union"):
+            raise ValueError(f"distill.top_k_from must be teacher, student or union, got {self.top_k_from!r}")
+        for name in ("beta", "alpha", "discount", "off_policy_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"distill.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.kl_coef <= 0:
+            raise ValueError(f"distill.kl_coef must be > 0, got {self.kl_coef}")
+        if self.clip_eps <= 0:
+            raise ValueError(f"distill.clip_eps must be > 0, got {self.clip_eps}")
+        if self.reward_weight < 0:
+            raise ValueError(f"distill.reward_weight must be >= 0, got {self.reward_weight}")
+        if self.reward_weight > 0 and self.loss != "sampled_reverse_kl":
+            raise ValueError(
+                f"distill.reward_weight > 0 needs loss sampled_reverse_kl (a reward enters an advantage), "
+                f"got loss {self.loss!r}"
+            )
+        if self.reward_normalization not in ("group", "none"):
+            raise ValueError(
+                f"distill.reward_normalization must be group or none, got {self.reward_normalization!r}"
+            )
+        if self.off_policy_ratio > 0 and self.loss == "sampled_reverse_kl":
+            raise ValueError(
+                "distill.off_policy_ratio > 0 needs an analytic loss: sampled_reverse_kl scores the student's "
+                "own samples, and teacher samples would make its policy gradient off-policy"
+            )
+        if self.overlap_k < 1:
+            raise ValueError(f"distill.overlap_k must be >= 1, got {self.overlap_k}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"distill.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Full-vocabulary losses keep the teacher's ``[N, C, V]`` logits; the others need O(1) or O(k)."""
+        return self.loss != "sampled_reverse_kl" and self.top_k is None
+
+
+def distillation_loss(
+    config: DistillConfig,
+    student_logits: Tensor,
+    rollout: Rollout,
+    scores: TeacherScores,
+    *,
+    task_advantages: Tensor | None = None,
+    temperature: float = 1.0,
+    normalizer: Normalizer = None,
+) -> tuple[Tensor, Metrics]:
+    """The loss ``config.loss`` of the student's completion logits ``[N, C, V]`` against the routed teachers.
+
+    Distributions are compared at temperature 1. For ``sampled_reverse_kl`` the policy-gradient ratio uses
+    the student's log-probs at the sampling ``temperature`` (that of ``rollout.logprobs``), and
+    ``task_advantages [N]`` (already normalised) is added to every token's advantage, times
+    ``config.reward_weight``. Normalisation: ``normalizer`` (the stage passes the DDP-invariant token count).
+    """
+    mask = rollout.completion_mask  # [N, C]
+    if config.loss == "sampled_reverse_kl":
+        logp = token_logprobs(student_logits, rollout.completion_ids)  # [N, C], with grad
+        # the importance ratio compares like with like: rollout.logprobs are at the sampling temperature
+        sampling_logp = logp
+        if temperature != 1.0:
+            sampling_logp = token_logprobs(student_logits, rollout.completion_ids, temperature=temperature)
+        advantages = distillation_advantages(
+            logp.detach(), scores.logprobs, mask, coef=config.kl_coef, discount=config.discount
+        )
+        if task_advantages is not None:
+            advantages = advantages + config.reward_weight * task_advantages[:, None] * mask
+        loss, metrics = policy_gradient_loss(
+            sampling_logp, rollout.logprobs, advantages, mask, clip_eps=config.clip_eps, normalizer=normalizer
+        )
+        _, sampled = sampled_reverse_kl(logp.detach(), scores.logprobs, mask)
+        return loss, {**metrics, **sampled, "advantage_mean": masked_mean(advantages, mask)}
+    if config.loss == "reverse_kl" and config.top_k is not None:
+        return topk_reverse_kl(
+            student_logits, scores.support_logprobs, scores.support_ids, mask,
+            support_valid=scores.support_valid, normalizer=normalizer,
+        )  # fmt: skip
+    teacher_logits = scores.logits
+    if config.loss == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits, mask, normalizer=normalizer)
+    if config.loss == "forward_kl":
+        return forward_kl(student_logits, teacher_logits, mask, normalizer=normalizer)
+    if config.loss == "generalized_jsd":
+        return generalized_jsd(student_logits, teacher_logits, mask, beta=config.beta, normalizer=normalizer)
+    reverse = config.loss == "skew_reverse_kl"
+    return skew_kl(
+        student_logits, teacher_logits, mask, alpha=config.alpha, reverse=reverse, normalizer=normalizer
+    )
+
+
+class MultiExpertOPD(PolicyModule):
+    """On-policy distillation of a student from several domain experts, each sample routed by its domain.
+
+    Args:
+        teachers: ``domain -> local teacher folder`` (HF format, same tokenizer as the student); the key
+            ``default`` takes domains without an entry. Domains sharing a folder share one loaded teacher.
+        distill: the loss and its knobs (:class:`DistillConfig`).
+        sampling: how the student (or, for the off-policy share, the teacher) samples completions.
+        seed: seeds sampling from ``(seed, global_step, global_rank)``, so runs and resumes reproduce.
+        **kwargs: the policy, optimiser and validation arguments of :class:`PolicyModule`.
+    """
+
+    train_format = "prompts"
+    frozen_modules = ("teachers",)
+
+    def __init__(
+        self,
+        teachers: dict[str, str],
+        distill: DistillConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.distill = distill or DistillConfig()
+        self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
+        self.seed = seed
+        if self.distill.reward_weight > 0 and self.distill.reward_normalization == "group":
+            if self.sampling.num_samples < 2:
+                raise ValueError(
+                    "distill.reward_normalization: group needs sampling.num_samples >= 2 (a group per prompt), "
+                    f"got {self.sampling.num_samples}; raise it or use reward_normalization: none"
+                )
+        # Cheap and before any weights load: folders exist, tokenizers equal the student's.
+        self.teachers = TeacherPool(teachers, field="model.init_args.teachers")
+        self.teachers.check_tokenizers(self.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
+
+    # ------------------------------------------------------------------------------------ building
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        self.teachers.load(dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        # A missing route is a config error: say so before any model loads or any step runs.
+        self.teachers.check_domains(datamodule.domains)
+        super().setup(stage)
+        names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in STATS]
+        names += [f"domain/{d}/{s}" for d in datamodule.domains for s in STATS]
+        names += [f"accuracy/{d}" for d in datamodule.domains]
+        self.train_stats = DomainMean(names)
+
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        # 1. rollouts: the student's own samples; for GKD's off-policy share, each prompt's routed teacher's
+        off_policy = self._off_policy_batch()
+        if off_policy:
+            rollout = self.teachers.generate(
+                batch.prompt_ids, batch.prompt_mask, batch.domains, self.sampling,
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                generator=self._generator(),
+            )  # fmt: skip
+        else:
+            rollout = self.sample(self.policy, batch, self.sampling, generator=self._generator())
+        mask = rollout.completion_mask  # [N, C]
+
+        # 2. the student's distributions at the sampled positions (with grad), the routed teachers' (without)
+        student_logits = completion_logits(
+            self.policy, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+        )  # [N, C, V]
+        scores = self.teachers.score(
+            rollout,
+            student_logits=student_logits.detach(),
+            keep_logits=self.distill.needs_teacher_logits,
+            top_k=self.distill.top_k,
+            top_k_from=self.distill.top_k_from,
+            overlap_k=self.distill.overlap_k,
+            micro_batch_size=self.distill.micro_batch_size,
+        )
+
+        # 3. the verifier's task reward: train accuracy, and the OPD + RL hybrid's extra advantage
+        entries = [batch.entries[i] for i in rollout.prompt_index.tolist()]
+        reward = torch.tensor(
+            rewards.correctness(rollout.decode(self.tokenizer), entries), device=mask.device
+        )
+        task_advantages = None
+        if self.distill.reward_weight > 0:
+            task_advantages = reward
+            if self.distill.reward_normalization == "group":
+                task_advantages, _ = group_advantages(reward, self.sampling.num_samples)
+
+        # 4. the loss against the routed teachers
+        loss, metrics = distillation_loss(
+            self.distill,
+            student_logits,
+            rollout,
+            scores,
+            task_advantages=task_advantages,
+            temperature=self.sampling.logprob_temperature,
+            normalizer=self.token_normalizer(mask),
+        )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        self._log_routed(rollout, scores, reward, off_policy)
+        return loss
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _generator(self) -> torch.Generator:
+        seed = ((self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank) * 2  # even: sampling
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _off_policy_batch(self) -> bool:
+        """GKD's coin: the same on every rank (seeded without the rank), so ranks roll out in lockstep."""
+        if self.distill.off_policy_ratio == 0.0:
+            return False
+        coin = torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 2 + 1)  # odd
+        return bool(torch.rand((), generator=coin) < self.distill.off_policy_ratio)
+
+    def _log_routed(self, rollout: Rollout, scores: TeacherScores, reward: Tensor, off_policy: bool) -> None:
+        """Diagnostics per teacher and per domain (token-weighted, summed across ranks by DomainMean),
+        train accuracy per domain, the share of tokens each teacher scored and its throughput."""
+        mask = rollout.completion_mask
+        lengths = mask.sum(-1).float()  # [N]
+        for stat in STATS:
+            per_row = torch.where(mask, scores.stats[stat], 0.0).sum(-1) / lengths.clamp(min=1)  # [N]
+            self.train_stats.update(per_row, [f"teacher/{t}/{stat}" for t in scores.teacher], weights=lengths)
+            self.train_stats.update(per_row, [f"domain/{d}/{stat}" for d in rollout.domains], weights=lengths)
+        if not off_policy:  # accuracy of the student's own samples, not the teachers'
+            self.train_stats.update(reward, [f"accuracy/{d}" for d in rollout.domains])
+        values, counts = self.train_stats.compute(), self.train_stats.counts()
+        self.train_stats.reset()
+        self.log_dict({f"train/{k}": v for k, v in values.items()})
+        routed = {t: counts[f"teacher/{t}/reverse_kl"] for t in self.teachers.names}
+        total = sum(routed.values()).clamp(min=1)
+        self.log_dict({f"train/teacher/{t}/token_fraction": n / total for t, n in routed.items()})
+        self.log_dict(
+            {
+                f"train/teacher/{t}/tokens_per_s": scores.tokens[t] / max(s, 1e-9)
+                for t, s in scores.seconds.items()
+            }
+        )
+        seconds = sum(scores.seconds.values())
+        self.log("train/teacher_tokens_per_s", sum(scores.tokens.values()) / max(seconds, 1e-9))
+        self.log("train/full_reverse_kl", masked_mean(scores.stats["reverse_kl"], mask), prog_bar=True)
+        self.log("train/reward", reward.mean())
+        self.log("train/completion_length", lengths.mean())
+        self.log("train/truncated_fraction", rollout.is_truncated.float().mean())
+        self.log("train/off_policy", float(off_policy))

@@ -1,0 +1,314 @@
+"""Routing each sample to its domain's teacher, and scoring rollouts under the routed teachers.
+
+A :class:`TeacherPool` holds the frozen teachers of a multi-expert stage and the ``domain -> teacher`` routes
+(MiMo's multi-teacher OPD, DeepSeek-V4's domain experts). MultiExpertOPD scores the student's samples with
+it; ColdStart samples from it (:meth:`TeacherPool.generate`, the routed teacher answers each prompt).
+
+Mechanics, in the order a batch meets them:
+
+* **Routes** come from a YAML mapping ``domain -> teacher folder``; the key ``default`` catches domains with
+  no entry (untagged or OOD prompts). Folders shared by several domains load once, under one name
+  (``"math+code"``). :meth:`check_domains` compares the routes with the data's domains at start-up.
+* **Scoring** (:meth:`TeacherPool.score`) runs each teacher only on the rows routed to it, one
+  teacher-forced forward per micro-batch, under ``no_grad``. It returns the teacher log-probs of the sampled
+  tokens and, as the loss needs them, either the full teacher logits of the completion positions or only a
+  top-k support (O(k) per token); each micro-batch's logits are freed before the next. Given the student's
+  logits it also computes per-token diagnostics (exact full-vocabulary reverse KL, entropies, top-k overlap)
+  while the full teacher logits are still at hand, so top-k mode can monitor the exact KL for free.
+* Teachers stay in eval mode whatever ``.train()`` says, and never hold gradients (``load_frozen``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from opd_lightning.losses import support_logprobs, token_logprobs, topk_support
+from opd_lightning.metrics import token_entropy, token_kl, topk_overlap
+from opd_lightning.models import check_local_path, check_same_tokenizer, load_frozen, load_tokenizer
+from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+
+__all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherScores"]
+
+DEFAULT_ROUTE = "default"
+"""Key of the teacher that takes every domain without a route of its own."""
+
+
+@dataclass
+class TeacherScores:
+    """Routed teacher scores of a rollout's completions (``N`` rows, ``C`` completion positions)."""
+
+    teacher: list[str]  # [N] name of the teacher each row was routed to
+    logprobs: Tensor  # [N, C] float32 log p_T(sampled token), 0 where the completion mask is False
+    logits: Tensor | None = None  # [N, C, V] teacher logits at completion positions (full mode)
+    support_ids: Tensor | None = None  # [N, C, K] top-k support (top-k mode), from losses.topk_support
+    support_logprobs: Tensor | None = None  # [N, C, K] float32 log p_T at support_ids
+    support_valid: Tensor | None = None  # [N, C, K] bool, False for duplicate ids of a "union" support
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """Per-token diagnostics ``[N, C]`` float32 (only when the student's logits were given): ``reverse_kl``
+    (exact, full vocabulary), ``student_entropy``, ``teacher_entropy``, ``topk_overlap``,
+    ``student_shared_mass``, ``teacher_shared_mass`` (``metrics.topk_overlap``). Unmasked: reduce with
+    the completion mask."""
+    seconds: dict[str, float] = field(default_factory=dict)  # teacher -> wall time of its forwards
+    tokens: dict[str, int] = field(default_factory=dict)  # teacher -> completion tokens it scored
+
+
+def _safe_name(domains: Sequence[str]) -> str:
+    # ModuleDict keys may not contain "." nor shadow a ModuleDict attribute; "/" would nest log tags.
+    name = re.sub(r"[^0-9A-Za-z_+-]", "_", "+".join(domains))
+    return f"{name}_teacher" if hasattr(nn.ModuleDict, name) else name
+
+
+class TeacherPool(nn.Module):
+    """Frozen teachers (a ``ModuleDict`` keyed by a safe name) and the ``domain -> teacher`` routes.
+
+    Construction is cheap: it checks the folders exist and groups domains that share one, but loads no
+    weights; :meth:`load` (called from the stage's ``configure_model``) does, once per folder.
+
+    Args:
+        routes: ``domain -> local teacher folder``; the key ``"default"`` takes unrouted domains.
+        field: the YAML field the routes come from, named in errors (``<field>.<domain>``).
+    """
+
+    def __init__(self, routes: Mapping[str, str | os.PathLike], field: str = "model.init_args.teachers"):
+        super().__init__()
+        if not routes:
+            raise ValueError(
+                f"{field} is empty: map each data domain to a teacher folder (`math: path/to/hf`)"
+            )
+        self.field = field
+        by_folder: dict[Path, list[str]] = {}
+        for domain, path in routes.items():
+            if not isinstance(domain, str) or not domain:
+                raise ValueError(f"{field}: domain keys must be non-empty strings, got {domain!r}")
+            folder = check_local_path(path, f"{field}.{domain}").resolve()
+            by_folder.setdefault(folder, []).append(domain)
+        self.paths: dict[str, Path] = {}  # teacher name -> folder
+        self.fields: dict[str, str] = {}  # teacher name -> the YAML field that names it first
+        self.routes: dict[str, str] = {}  # domain -> teacher name
+        for folder, domains in by_folder.items():
+            name = _safe_name(domains)
+            self.paths[name], self.fields[name] = folder, f"{field}.{domains[0]}"
+            self.routes.update(dict.fromkeys(domains, name))
+        self.models = nn.ModuleDict()
+
+    @property
+    def names(self) -> list[str]:
+        """Teacher names, one per distinct folder, in the order of the YAML mapping."""
+        return list(self.paths)
+
+    # ------------------------------------------------------------------------------------ start-up checks
+
+    def check_tokenizers(self, tokenizer, *, trust_remote_code: bool = False) -> None:
+        """Each teacher's tokenizer must equal the student's (vocabulary and special tokens): token-level
+        distillation compares distributions id by id. Reads tokenizer files only, no weights."""
+        for name, path in self.paths.items():
+            other = load_tokenizer(path, trust_remote_code=trust_remote_code)
+            check_same_tokenizer(tokenizer, other, self.fields[name])
+
+    def check_domains(self, domains: Sequence[str], data_field: str = "data.tasks") -> None:
+        """Every data domain needs a route (its own or ``default``); fail at start-up, before any training."""
+        if DEFAULT_ROUTE not in self.routes:
+            missing = sorted(d for d in set(domains) if d not in self.routes)
+            if missing:
+                raise ValueError(
+                    f"{data_field} has domain(s) {missing} with no teacher in {self.field} (routes: "
+                    f"{sorted(self.routes)}). Add `{missing[0]}: <teacher folder>` under {self.field}, or a "
+                    f"`{DEFAULT_ROUTE}: <teacher folder>` entry for every unrouted domain."
+                )
+        unused = sorted(d for d in self.routes if d != DEFAULT_ROUTE and d not in set(domains))
+        if unused:
+            rank_zero_warn(f"{self.field} routes domain(s) {unused} that no task in {data_field} has")
+
+    # ------------------------------------------------------------------------------------------ building
+
+    def load(self, *, dtype: torch.dtype | str, trust_remote_code: bool = False) -> None:
+        """Load every teacher (eval, no grad, in ``dtype``); idempotent, like Lightning's ``configure_model``."""
+        for name, path in self.paths.items():
+            if name not in self.models:
+                self.models[name] = load_frozen(
+                    path, dtype=dtype, field=self.fields[name], trust_remote_code=trust_remote_code
+                )
+
+    def train(self, mode: bool = True) -> TeacherPool:
+        # Lightning calls .train() on the whole LightningModule at fit start: teachers must stay frozen
+        # references (no dropout), whatever the student does.
+        return super().train(False)
+
+    # ------------------------------------------------------------------------------------------- routing
+
+    def route(self, domains: Sequence[str]) -> list[str]:
+        """The teacher name for each domain tag (``[N]`` -> ``[N]``); ``default`` takes unrouted ones."""
+        fallback = self.routes.get(DEFAULT_ROUTE)
+        out = []
+        for d in domains:
+            name = self.routes.get(d, fallback)
+            if name is None:
+                raise KeyError(f"domain {d!r} has no teacher in {self.field} and there is no `default`")
+            out.append(name)
+        return out
+
+    def rows(self, domains: Sequence[str], device: torch.device | None = None) -> dict[str, Tensor]:
+        """``teacher name -> row indices [n_t]`` routed to it; teachers without rows are left out."""
+        routed = self.route(domains)
+        out = {}
+        for name in self.names:
+            idx = [i for i, t in enumerate(routed) if t == name]
+            if idx:
+                out[name] = torch.tensor(idx, dtype=torch.long, device=device)
+        return out
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def score(
+        self,
+        rollout: Rollout,
+        *,
+        student_logits: Tensor | None = None,
+        keep_logits: bool = False,
+        top_k: int | None = None,
+        top_k_from: Literal["teacher", "student", "union"] = "teacher",
+        overlap_k: int = 8,
+        micro_batch_size: int | None = None,
+    ) -> TeacherScores:
+        """Score the completions of ``rollout`` under each row's routed teacher.
+
+        Each teacher runs only on its rows, ``micro_batch_size`` rows per forward (default: all of them);
+        the micro-batch's ``[m, C, V]`` logits are reduced to what is asked for and freed before the next.
+
+        Args:
+            rollout: completions to score; ``rollout.domains`` routes the rows.
+            student_logits: the student's completion logits ``[N, C, V]`` (detached), aligned with the
+                rollout. Needed for ``top_k_from`` "student" / "union" and for the diagnostics in ``stats``.
+            keep_logits: return the full teacher logits ``[N, C, V]`` (full-vocabulary losses).
+            top_k: return a top-k support instead (``losses.topk_support`` + ``support_logprobs``), O(k)
+                per token; ``None`` for none.
+            top_k_from: whose top-k ids make the support.
+            overlap_k: k of the top-k overlap diagnostic.
+            micro_batch_size: rows per teacher forward; bounds the teacher's activation and logit memory.
+        """
+        n, c = rollout.completion_ids.shape
+        device = rollout.completion_ids.device
+        input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
+        teacher_logprobs = torch.zeros((n, c), dtype=torch.float32, device=device)  # [N, C]
+        outputs: dict[str, Tensor] = {}  # logits / support_* fields of TeacherScores
+        stats: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+
+        def put(store: dict[str, Tensor], key: str, rows: Tensor, value: Tensor) -> None:
+            # Allocated at the first micro-batch, once the vocabulary / support width is known.
+            if key not in store:
+                store[key] = value.new_empty((n, *value.shape[1:]))
+            store[key][rows] = value
+
+        for name, rows in self.rows(rollout.domains, device).items():
+            model = self.models[name]
+            start = time.perf_counter()
+            for chunk in rows.split(micro_batch_size or len(rows)):
+                logits = completion_logits(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
+                teacher_logprobs[chunk] = token_logprobs(logits, rollout.completion_ids[chunk])
+                student = None if student_logits is None else student_logits[chunk].detach()
+                if keep_logits:
+                    put(outputs, "logits", chunk, logits)
+                if top_k is not None:
+                    ids, valid = topk_support(student, logits, k=top_k, source=top_k_from)  # [m, C, K]
+                    put(outputs, "support_ids", chunk, ids)
+                    put(outputs, "support_valid", chunk, valid)
+                    put(outputs, "support_logprobs", chunk, support_logprobs(logits, ids).float())
+                if student is not None:
+                    overlap = topk_overlap(student, logits, overlap_k)
+                    put(stats, "reverse_kl", chunk, token_kl(student, logits))
+                    put(stats, "student_entropy", chunk, token_entropy(student).float())
+                    put(stats, "teacher_entropy", chunk, token_entropy(logits).float())
+                    put(stats, "topk_overlap", chunk, overlap["overlap"].float())
+                    put(stats, "student_shared_mass", chunk, overlap["student_shared_mass"].float())
+                    put(stats, "teacher_shared_mass", chunk, overlap["teacher_shared_mass"].float())
+                del logits  # the next micro-batch's forward may reuse this memory
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels are asynchronous: time the work, not the launch
+            seconds[name] = time.perf_counter() - start
+            tokens[name] = int(mask[rows].sum())
+        return TeacherScores(
+            teacher=self.route(rollout.domains),
+            logprobs=teacher_logprobs.masked_fill_(~mask, 0.0),
+            stats=stats,
+            seconds=seconds,
+            tokens=tokens,
+            **outputs,
+        )
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        domains: Sequence[str],
+        config: SamplingConfig,
+        *,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        generator: torch.Generator | None = None,
+        tokenizer=None,
+    ) -> Rollout:
+        """Completions sampled by each prompt's routed teacher, as one :class:`Rollout` in prompt order.
+
+        For GKD's off-policy share (Agarwal et al. 2024) and ColdStart's teacher rollouts. Each teacher
+        samples only its prompts; rows are padded to the longest completion of the batch. The behaviour
+        log-probs are the teachers'. Teachers are plain (unsharded) modules on every rank, so no rank
+        lockstep is needed here: ``config.sync_ranks`` is ignored.
+        """
+        g = config.num_samples
+        if config.sync_ranks:
+            config = SamplingConfig(**{**config.__dict__, "sync_ranks": False})
+        parts = []
+        for name, rows in self.rows(domains, prompt_ids.device).items():
+            part = generate(
+                self.models[name],
+                prompt_ids[rows],
+                prompt_mask[rows],
+                config,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                domains=[domains[i] for i in rows.tolist()],
+                generator=generator,
+                tokenizer=tokenizer,
+            )
+            out_rows = (rows[:, None] * g + torch.arange(g, device=rows.device)).reshape(-1)  # [n_t * G]
+            parts.append((out_rows, part))
+        n, c = prompt_ids.shape[0] * g, max(part.completion_ids.shape[1] for _, part in parts)
+        device = prompt_ids.device
+
+        def merged(attr: str, fill) -> Tensor:
+            first = getattr(parts[0][1], attr)
+            out = torch.full((n, c), fill, dtype=first.dtype, device=device)
+            for out_rows, part in parts:
+                value = getattr(part, attr)
+                out[out_rows, : value.shape[1]] = value
+            return out
+
+        truncated = torch.zeros(n, dtype=torch.bool, device=device)
+        for out_rows, part in parts:
+            truncated[out_rows] = part.is_truncated
+        return Rollout(
+            prompt_ids=prompt_ids.repeat_interleave(g, dim=0),
+            prompt_mask=prompt_mask.bool().repeat_interleave(g, dim=0),
+            completion_ids=merged("completion_ids", pad_token_id),
+            completion_mask=merged("completion_mask", False),
+            logprobs=merged("logprobs", 0.0),
+            prompt_index=torch.arange(prompt_ids.shape[0], device=device).repeat_interleave(g),
+            domains=[d for d in domains for _ in range(g)],
+            is_truncated=truncated,
+        )

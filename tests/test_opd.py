@@ -1,0 +1,328 @@
+"""MultiExpertOPD: the student moves towards each domain's own teacher; routing, start-up checks, checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from opd_lightning.data import PromptDataModule, TaskSpec
+from opd_lightning.losses import masked_mean, token_logprobs
+from opd_lightning.models import load_tokenizer
+from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss
+from opd_lightning.teachers import TeacherScores
+from tests.conftest import EASY_MATH
+from tests.test_teachers import make_teacher
+
+MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=300, val_size=8)
+STRING = TaskSpec(
+    "spell_backward", "string", config=dict(min_word_len=3, max_word_len=5), size=300, val_size=8
+)
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_dir, tmp_path_factory):
+    """Two different teachers (other seeds, sharpened) on the student's tokenizer."""
+    root = tmp_path_factory.mktemp("opd-teachers")
+    return make_teacher(tiny_dir, root / "a", seed=1), make_teacher(tiny_dir, root / "b", seed=2)
+
+
+def make(
+    tiny_dir, routes, *, tasks=(MATH, STRING), lr=1e-3, batch_size=16, steps=30, sampling=None, **distill
+):
+    module = MultiExpertOPD(
+        model=str(tiny_dir),
+        teachers={domain: str(path) for domain, path in routes.items()},
+        distill=DistillConfig(**distill),
+        sampling=sampling or SamplingConfig(max_new_tokens=8),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
+    )
+    data = PromptDataModule(
+        tokenizer=module.tokenizer,
+        tasks=list(tasks),
+        batch_size=batch_size,
+        val_batch_size=16,
+        steps_per_epoch=steps,
+        max_prompt_length=48,
+    )
+    return module, data
+
+
+class Record(L.Callback):
+    """The logged train/... scalars of every step."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    def mean(self, key: str, rows: slice) -> float:
+        values = [row[key] for row in self.rows[rows]]
+        return sum(values) / len(values)
+
+
+def fit(module, data, steps, tmp_path, callbacks=(), ckpt_path=None, **kw):
+    kw.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **kw,
+    )
+    # weights_only=False: built in Python (not by the CLI), the hparams hold config dataclasses
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    return trainer
+
+
+def watch_teachers(module):
+    """Record, for every scoring call, the rollout and the input rows each teacher's forward received."""
+    calls, scoring = [], [False]  # teachers also run when they sample (off-policy batches): not recorded
+    score = module.teachers.score
+
+    def recording_score(rollout, **kwargs):
+        calls.append({"rollout": rollout, "seen": {name: [] for name in module.teachers.names}})
+        scoring[0] = True
+        try:
+            return score(rollout, **kwargs)
+        finally:
+            scoring[0] = False
+
+    def hook(module, args, kwargs, output, name):
+        if scoring[0]:
+            calls[-1]["seen"][name].append(kwargs["input_ids"])
+
+    module.teachers.score = recording_score
+    module.configure_model()
+    for name, teacher in module.teachers.models.items():
+        teacher.register_forward_hook(lambda *a, name=name: hook(*a, name), with_kwargs=True)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------- learning
+
+
+def test_reverse_kl_to_each_routed_teacher_falls(tiny_dir, teachers, tmp_path):
+    L.seed_everything(0)
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, loss="reverse_kl")
+    rec = Record()
+    fit(module, data, 30, tmp_path, [rec])
+    for teacher in ("math", "string"):
+        key = f"train/teacher/{teacher}/reverse_kl"
+        first, last = rec.mean(key, slice(0, 5)), rec.mean(key, slice(-5, None))
+        print(f"{key}: {first:.3f} -> {last:.3f}")
+        assert last < 0.5 * first
+    # the loss is the same exact reverse KL, as a DDP-invariant token mean
+    assert rec.rows[0]["train/loss"] == pytest.approx(rec.rows[0]["train/full_reverse_kl"], rel=1e-4)
+    assert rec.rows[-1]["train/teacher/math/token_fraction"] + rec.rows[-1][
+        "train/teacher/string/token_fraction"
+    ] == (pytest.approx(1.0))
+
+
+def test_sampled_reverse_kl_makes_the_students_kl_fall(tiny_dir, teachers, tmp_path):
+    L.seed_everything(0)
+    module, data = make(
+        tiny_dir,
+        {"math": teachers[0], "string": teachers[1]},
+        loss="sampled_reverse_kl",
+        lr=1e-3,
+        batch_size=48,
+        sampling=SamplingConfig(max_new_tokens=6),
+    )
+    rec = Record()
+    fit(module, data, 25, tmp_path, [rec])
+    for key in ("train/sampled_reverse_kl_k3", "train/full_reverse_kl"):
+        first, last = rec.mean(key, slice(0, 5)), rec.mean(key, slice(-5, None))
+        print(f"{key}: {first:.3f} -> {last:.3f}")
+        assert last < 0.75 * first
+
+
+# -------------------------------------------------------------------------------------------------- routing
+
+
+def test_each_domains_rows_go_only_to_its_teacher(tiny_dir, teachers, tmp_path):
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, micro_batch_size=3)
+    calls = watch_teachers(module)
+    fit(module, data, 2, tmp_path)
+    assert len(calls) == 2
+    for call in calls:
+        rollout = call["rollout"]
+        for name in ("math", "string"):
+            rows = [i for i, d in enumerate(rollout.domains) if d == name]
+            assert rows, "both domains should appear in a batch of 16"
+            assert all(len(chunk) <= 3 for chunk in call["seen"][name]), "micro-batches of 3 rows"
+            assert torch.equal(torch.cat(call["seen"][name]), rollout.input_ids[rows])
+
+
+def test_default_teacher_scores_the_domains_without_a_route(tiny_dir, teachers, tmp_path):
+    module, data = make(tiny_dir, {"math": teachers[0], "default": teachers[1]})
+    calls = watch_teachers(module)
+    rec = Record()
+    fit(module, data, 1, tmp_path, [rec])
+    rollout = calls[0]["rollout"]
+    string_rows = [i for i, d in enumerate(rollout.domains) if d == "string"]
+    assert torch.equal(torch.cat(calls[0]["seen"]["default"]), rollout.input_ids[string_rows])
+    fractions = (
+        rec.rows[0]["train/teacher/math/token_fraction"],
+        rec.rows[0]["train/teacher/default/token_fraction"],
+    )
+    assert sum(fractions) == pytest.approx(1.0) and min(fractions) > 0
+    assert "train/domain/string/reverse_kl" in rec.rows[0]
+
+
+def test_a_domain_without_a_teacher_fails_at_setup_before_any_model_loads(tiny_dir, teachers, tmp_path):
+    module, data = make(tiny_dir, {"math": teachers[0]})
+    with pytest.raises(ValueError, match=r"\['string'\] with no teacher in model\.init_args\.teachers"):
+        fit(module, data, 1, tmp_path)
+    assert module.policy is None and len(module.teachers.models) == 0
+
+
+def test_a_teacher_with_another_tokenizer_is_named_at_init(tiny_dir, teachers, tmp_path):
+    other = tmp_path / "other-vocab"
+    shutil.copytree(teachers[1], other)
+    tokenizer = load_tokenizer(other)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|tool|>"]}
+    )  # one more id than the student's
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"model\.init_args\.teachers\.string: tokenizer does not match"):
+        make(tiny_dir, {"math": teachers[0], "string": other})
+
+
+def test_off_policy_batches_are_sampled_by_the_routed_teachers(tiny_dir, teachers, tmp_path):
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, off_policy_ratio=1.0)
+    calls = watch_teachers(module)
+    rec = Record()
+    fit(module, data, 1, tmp_path, [rec])
+    rollout = calls[0]["rollout"]
+    # the behaviour log-probs are the teachers': re-scoring the samples under the routed teacher matches
+    torch.testing.assert_close(module.teachers.score(rollout).logprobs, rollout.logprobs, rtol=0, atol=1e-4)
+    assert rec.rows[0]["train/off_policy"] == 1.0
+    assert not any(k.startswith("train/accuracy/") for k in rec.rows[0]), (
+        "teacher samples are not the student's"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- losses
+
+
+def test_topk_reverse_kl_with_k_equal_to_the_vocabulary_is_the_full_one(tiny_dir, teachers, tiny_tokenizer):
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]})
+    module.configure_model()
+    data.setup("fit")
+    batch = data.collate_prompts(
+        data.train_pools["basic_arithmetic"][:3] + data.train_pools["spell_backward"][:3]
+    )
+    rollout = generate(
+        module.policy,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        SamplingConfig(max_new_tokens=6),
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        domains=batch.domains,
+        generator=torch.Generator().manual_seed(0),
+    )
+    vocab = module.policy.config.vocab_size
+
+    def loss_and_grad(config: DistillConfig):
+        student = completion_logits(module.policy, rollout.input_ids, rollout.attention_mask, 6)
+        student.retain_grad()
+        scores = module.teachers.score(
+            rollout,
+            student_logits=student.detach(),
+            keep_logits=config.needs_teacher_logits,
+            top_k=config.top_k,
+            top_k_from=config.top_k_from,
+        )
+        loss, _ = distillation_loss(config, student, rollout, scores)
+        loss.backward()
+        return loss.detach(), student.grad
+
+    full, full_grad = loss_and_grad(DistillConfig(loss="reverse_kl"))
+    assert full > 0.05
+    for source in ("teacher", "student", "union"):
+        topk, topk_grad = loss_and_grad(DistillConfig(loss="reverse_kl", top_k=vocab, top_k_from=source))
+        torch.testing.assert_close(topk, full, rtol=1e-4, atol=1e-6, msg=source)
+        torch.testing.assert_close(topk_grad, full_grad, rtol=1e-3, atol=1e-7, msg=source)
+
+
+def test_task_reward_is_added_to_every_tokens_advantage():
+    torch.manual_seed(0)
+    n, c, v = 4, 5, 7
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool
+    )
+    ids = torch.randint(v, (n, c))
+    student = torch.randn(n, c, v, requires_grad=True)
+    rollout = Rollout(
+        prompt_ids=torch.zeros(n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n, 1, dtype=torch.bool),
+        completion_ids=ids,
+        completion_mask=mask,
+        logprobs=token_logprobs(student, ids).detach(),
+        prompt_index=torch.arange(n),
+        domains=["math"] * n,
+        is_truncated=torch.zeros(n, dtype=torch.bool),
+    )
+    scores = TeacherScores(teacher=["math"] * n, logprobs=torch.randn(n, c).masked_fill(~mask, 0.0))
+    task = torch.tensor([1.0, -1.0, 0.5, 0.0])
+
+    def loss(weight):
+        config = DistillConfig(loss="sampled_reverse_kl", reward_weight=weight)
+        return distillation_loss(config, student, rollout, scores, task_advantages=task)[0]
+
+    # on-policy the ratio is 1, so the loss is -mean_t(A_t) and the reward term shifts it by -w * mean_t(task)
+    expected_shift = -0.5 * masked_mean(task[:, None].expand(n, c), mask)
+    torch.testing.assert_close(loss(0.5) - loss(0.0), expected_shift)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(loss="kl"), r"distill\.loss must be one of sampled_reverse_kl, reverse_kl, forward_kl"),
+        (dict(beta=1.5), r"distill\.beta must be in \[0, 1\]"),
+        (dict(top_k=0), r"distill\.top_k must be >= 1"),
+        (dict(loss="forward_kl", top_k=8), r"distill\.top_k applies to loss reverse_kl only"),
+        (dict(reward_weight=1.0), r"distill\.reward_weight > 0 needs loss sampled_reverse_kl"),
+        (
+            dict(loss="sampled_reverse_kl", off_policy_ratio=0.5),
+            r"distill\.off_policy_ratio > 0 needs an analytic",
+        ),
+        (dict(micro_batch_size=0), r"distill\.micro_batch_size"),
+    ],
+)
+def test_distill_config_rejects_bad_values_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**fields)
+
+
+def test_group_normalised_task_reward_needs_several_samples_per_prompt(tiny_dir, teachers):
+    with pytest.raises(ValueError, match=r"sampling\.num_samples >= 2"):
+        make(tiny_dir, {"default": teachers[0]}, loss="sampled_reverse_kl", reward_weight=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_leave_out_teacher_weights_and_resume(tiny_dir, teachers, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]})
+    fit(module, data, 2, tmp_path, [ckpt], enable_checkpointing=True)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not [k for k in state if k.startswith("teachers.")]
+    assert {k.removeprefix("policy.") for k in state} == set(module.policy.state_dict())
+    resumed, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]})
+    trainer = fit(resumed, data, 3, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 3
+    assert len(resumed.teachers.models) == 2, "teachers come back from their folders, not the checkpoint"

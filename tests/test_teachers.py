@@ -1,0 +1,197 @@
+"""TeacherPool: routes, scoring under the routed teacher (exact, micro-batch invariant), teacher sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_lightning.losses import support_logprobs
+from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
+from opd_lightning.rollout import SamplingConfig, completion_logits, completion_logprobs, generate
+from opd_lightning.teachers import TeacherPool
+
+
+def make_teacher(tiny_dir: Path, out: Path, seed: int, sharpen: float = 4.0) -> Path:
+    """A tiny teacher that shares the student's tokenizer but not its weights (another seed).
+
+    Scaling the final norm makes its next-token distributions peaked, as a trained teacher's are, so a
+    randomly initialised student has something to move towards.
+    """
+    if (out / "config.json").exists():
+        return out
+    tokenizer = load_tokenizer(tiny_dir)
+    model = build_tiny_model(tokenizer, "1m", seed=seed)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpen)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return make_teacher(tiny_dir, root / "a", seed=1), make_teacher(tiny_dir, root / "b", seed=2)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_dir, tiny_tokenizer):
+    """Six student completions of left-padded prompts of different lengths, tagged math / string / ood."""
+    questions = ["1 + 2 =", "Spell cat backward", "3 - 1 =", "Spell dog backward", "5 + 5 =", "9 + 9 + 9 ="]
+    domains = ["math", "string", "math", "string", "math", "ood"]
+    encoded = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in questions
+    ]
+    batch = tiny_tokenizer.pad({"input_ids": encoded}, return_tensors="pt")  # left padding
+    student = load_causal_lm(tiny_dir)
+    return generate(
+        student,
+        batch["input_ids"],
+        batch["attention_mask"].bool(),
+        SamplingConfig(max_new_tokens=7),
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        domains=domains,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def loaded_pool(routes) -> TeacherPool:
+    pool = TeacherPool(routes)
+    pool.load(dtype="float32")
+    return pool
+
+
+def test_scored_logprobs_equal_a_teacher_forced_recompute_under_each_rows_teacher(teachers, rollout):
+    a, b = teachers
+    pool = loaded_pool({"math": a, "string": b, "default": a})
+    scores = pool.score(rollout)
+    assert scores.teacher == [
+        "math+default",
+        "string",
+        "math+default",
+        "string",
+        "math+default",
+        "math+default",
+    ]
+    with torch.no_grad():
+        under_a = completion_logprobs(load_causal_lm(a).eval(), rollout)
+        under_b = completion_logprobs(load_causal_lm(b).eval(), rollout)
+    expected = torch.where(torch.tensor([d == "string" for d in rollout.domains])[:, None], under_b, under_a)
+    torch.testing.assert_close(scores.logprobs, expected, rtol=0, atol=1e-5)
+    assert (scores.logprobs[~rollout.completion_mask] == 0).all()
+    assert not torch.allclose(under_a, under_b), "the two teachers must differ for this test to mean anything"
+    assert scores.tokens == {
+        "math+default": int(rollout.completion_mask[[0, 2, 4, 5]].sum()),
+        "string": int(rollout.completion_mask[[1, 3]].sum()),
+    }
+
+
+def test_micro_batching_does_not_change_scores(teachers, tiny_dir, rollout):
+    a, b = teachers
+    pool = loaded_pool({"math": a, "string": b, "default": b})
+    student_logits = completion_logits(
+        load_causal_lm(tiny_dir), rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+    ).detach()
+    kwargs = dict(student_logits=student_logits, keep_logits=True, top_k=5, top_k_from="union", overlap_k=4)
+    whole = pool.score(rollout, **kwargs)
+    for size in (1, 2):
+        chunked = pool.score(rollout, micro_batch_size=size, **kwargs)
+        torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked.logits, whole.logits, rtol=0, atol=1e-4)
+        assert torch.equal(chunked.support_ids, whole.support_ids)
+        assert torch.equal(chunked.support_valid, whole.support_valid)
+        torch.testing.assert_close(chunked.support_logprobs, whole.support_logprobs, rtol=0, atol=1e-5)
+        assert chunked.stats.keys() == whole.stats.keys()
+        for key in whole.stats:
+            torch.testing.assert_close(chunked.stats[key], whole.stats[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_topk_support_is_the_teachers_own_log_probs_at_its_top_ids(teachers, rollout):
+    a, _ = teachers
+    pool = loaded_pool({"default": a})
+    scores = pool.score(rollout, keep_logits=True, top_k=3)
+    assert scores.support_ids.shape == (*rollout.completion_ids.shape, 3)
+    assert torch.equal(scores.support_ids, scores.logits.topk(3, dim=-1).indices)
+    torch.testing.assert_close(scores.support_logprobs, support_logprobs(scores.logits, scores.support_ids))
+
+
+def test_stats_need_the_students_logits_and_describe_the_pair(teachers, tiny_dir, rollout):
+    a, _ = teachers
+    pool = loaded_pool({"default": a})
+    assert pool.score(rollout).stats == {}
+    teacher_logits = pool.score(rollout, keep_logits=True).logits
+    same = pool.score(rollout, student_logits=teacher_logits).stats  # the teacher as its own student
+    mask = rollout.completion_mask
+    assert same["reverse_kl"][mask].abs().max() < 1e-5
+    assert (same["topk_overlap"][mask] == 1).all()
+    torch.testing.assert_close(same["student_entropy"], same["teacher_entropy"])
+
+
+def test_domains_sharing_a_folder_load_one_teacher(teachers):
+    a, b = teachers
+    pool = TeacherPool({"math": a, "code": str(a) + "/", "string": b})
+    assert pool.names == ["math+code", "string"]
+    assert pool.route(["code", "math", "string"]) == ["math+code", "math+code", "string"]
+    pool.load(dtype="float32")
+    pool.load(dtype="float32")  # idempotent
+    assert len(pool.models) == 2
+
+
+def test_default_teacher_takes_every_unrouted_domain(teachers):
+    a, b = teachers
+    pool = TeacherPool({"math": a, "default": b})
+    pool.check_domains(["math", "string", "ood"])
+    assert pool.route(["math", "string", "ood"]) == ["math", "default", "default"]
+    rows = pool.rows(["string", "math", "ood", "math"])
+    assert {k: v.tolist() for k, v in rows.items()} == {"math": [1, 3], "default": [0, 2]}
+
+
+def test_a_domain_without_route_or_default_fails_naming_the_domain_and_field(teachers):
+    a, _ = teachers
+    pool = TeacherPool({"math": a})
+    with pytest.raises(ValueError, match=r"\['string'\].*model\.init_args\.teachers") as info:
+        pool.check_domains(["math", "string"])
+    assert "string: <teacher folder>" in str(info.value)
+    with pytest.raises(KeyError, match="string"):
+        pool.route(["string"])
+
+
+def test_a_missing_teacher_folder_is_named_by_its_field(tmp_path, teachers):
+    with pytest.raises(FileNotFoundError, match=r"model\.init_args\.teachers\.string"):
+        TeacherPool({"math": teachers[0], "string": tmp_path / "nope"})
+
+
+def test_teachers_stay_frozen_and_in_eval_mode(teachers):
+    pool = loaded_pool({"math": teachers[0], "string": teachers[1]})
+    torch.nn.Sequential(pool).train()  # what Lightning does to the whole LightningModule at fit start
+    assert not any(m.training for m in pool.modules())
+    assert not any(p.requires_grad for p in pool.parameters())
+
+
+def test_teacher_sampling_gives_each_prompt_its_routed_teachers_completion(teachers, rollout, tiny_tokenizer):
+    a, b = teachers
+    pool = loaded_pool({"math": a, "string": b, "default": b})
+    # the prompts of the fixture rollout: one row per prompt there
+    prompt_ids, prompt_mask, domains = rollout.prompt_ids, rollout.prompt_mask, rollout.domains
+    config = SamplingConfig(max_new_tokens=5, temperature=0.0, num_samples=2)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    mixed = pool.generate(prompt_ids, prompt_mask, domains, config, **kw)
+    assert len(mixed) == 12 and mixed.domains == [d for d in domains for _ in range(2)]
+    assert mixed.prompt_index.tolist() == [i for i in range(6) for _ in range(2)]
+    for name, teacher in (("math", a), ("string+default", b)):
+        rows = pool.rows(domains)[name]
+        alone = generate(load_causal_lm(teacher), prompt_ids[rows], prompt_mask[rows], config, **kw)
+        out_rows = (rows[:, None] * 2 + torch.arange(2)).reshape(-1)
+        c = alone.completion_ids.shape[1]
+        assert torch.equal(mixed.completion_ids[out_rows, :c], alone.completion_ids)
+        assert torch.equal(mixed.completion_mask[out_rows, :c], alone.completion_mask)
+        assert not mixed.completion_mask[out_rows, c:].any()
+        torch.testing.assert_close(mixed.logprobs[out_rows, :c], alone.logprobs)
+    # the behaviour log-probs are the teachers': scoring the samples reproduces them
+    torch.testing.assert_close(pool.score(mixed).logprobs, mixed.logprobs, rtol=0, atol=1e-4)
