@@ -44,6 +44,13 @@ def correctness(completions: list[str], entries: list[dict], **_) -> list[float]
     return [score(c, e) for c, e in zip(completions, entries, strict=True)]
 
 
+def exact_accuracy(completions: list[str], entries: list[dict], **_) -> list[float]:
+    """1.0 only for a fully correct answer. What `val/accuracy` reports: some `reasoning_gym` verifiers give
+    partial credit (basic_arithmetic scores "-280" as 0.75 against "-28"), which is a fine reward shape but
+    would inflate an accuracy."""
+    return [float(s >= 1.0) for s in correctness(completions, entries)]
+
+
 def length_penalty(completions: list[str], entries: list[dict], *, target_chars: int = 64, **_) -> list[float]:
     """A shaping term: −(excess characters / target), 0 when the completion is within `target_chars`."""
     return [-max(0, len(c) - target_chars) / target_chars for c in completions]

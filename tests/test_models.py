@@ -62,3 +62,4 @@ def test_tokenizer_mismatch_names_the_teacher(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="teachers.math: tokenizer does not match"):
         check_same_tokenizer(tiny_tokenizer, other, "teachers.math")
     check_same_tokenizer(tiny_tokenizer, tiny_tokenizer, "teachers.math")  # same tokenizer passes
+

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from opd_lightning.data import DEFAULT_TASKS, PromptDataModule  # noqa: E402
 from opd_lightning.models import check_local_path, load_causal_lm, load_tokenizer  # noqa: E402
-from opd_lightning.rewards import correctness  # noqa: E402
+from opd_lightning.rewards import exact_accuracy  # noqa: E402
 from opd_lightning.rollout import SamplingConfig, generate  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def evaluate(path: str, tasks=DEFAULT_TASKS, max_new_tokens: int = 24, batch_siz
         rollout = generate(model, batch.prompt_ids, batch.prompt_mask,
                            SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for task, s in zip(batch.tasks, correctness(rollout.decode(tokenizer), batch.entries)):
+        for task, s in zip(batch.tasks, exact_accuracy(rollout.decode(tokenizer), batch.entries)):
             scores.setdefault(task, []).append(s)
     return {task: sum(v) / len(v) for task, v in scores.items()}
 
@@ -53,7 +53,7 @@ def main() -> None:
         lines.append(f"| {name or path} | " + " | ".join(f"{acc[t.name]:.3f}" for t in DEFAULT_TASKS) + " |")
         print(lines[-1], f"({time.time() - start:.0f}s)", flush=True)
     table = "\n".join(lines)
-    print("\ngreedy accuracy on each task's held-out prompts (200 per task)\n" + table)
+    print("\nexact-match greedy accuracy on each task's held-out prompts (200 per task)\n" + table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")

@@ -199,7 +199,7 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         config = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens, temperature=0.0)
         completions = self.sample(self.policy, batch, config).decode(self.tokenizer)
-        scores = torch.tensor(rewards.correctness(completions, batch.entries), device=self.device)
+        scores = torch.tensor(rewards.exact_accuracy(completions, batch.entries), device=self.device)
         self.val_accuracy.update(scores, batch.domains)
         self.val_task_accuracy.update(scores, batch.tasks)
         shown: dict[str, int] = {}
