@@ -39,7 +39,7 @@ def make(tiny_dir, lr=1e-2, steps=100, **data_kw):
 def trainer(tmp_path, steps, callbacks=(), **kw):
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                     limit_val_batches=1, callbacks=list(callbacks), **kw)
+                     callbacks=list(callbacks), **{"limit_val_batches": 1, **kw})
 
 
 def test_sft_loss_falls_and_greedy_accuracy_rises(tiny_dir, tmp_path):
