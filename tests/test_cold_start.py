@@ -17,7 +17,7 @@ from opd_lightning.models import build_tiny_model, build_tiny_tokenizer, load_to
 from opd_lightning.rollout import SamplingConfig
 from opd_lightning.stages import SFT, ColdStart, ColdStartConfig, WarmupLinearDecay
 from opd_lightning.stages.cold_start import CACHE_META
-from tests.conftest import EASY_MATH
+from tests.conftest import EASY_MATH, cpu_trainer
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=2000, val_size=40)
 STRING = TaskSpec(
@@ -78,18 +78,7 @@ def make(
 
 
 def trainer(root, steps, callbacks=(), **kw):
-    kw = {"limit_val_batches": 0, "enable_checkpointing": False, **kw}
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
+    return cpu_trainer(root, steps, callbacks, **kw)
 
 
 class Record(L.Callback):

@@ -11,7 +11,7 @@ from opd_lightning.data import PromptDataModule, TaskSpec
 from opd_lightning.models import load_causal_lm
 from opd_lightning.rollout import SamplingConfig
 from opd_lightning.stages import GRPO, GRPOConfig, RewardTerm, WarmupLinearDecay
-from tests.conftest import EASY_MATH
+from tests.conftest import EASY_MATH, cpu_trainer
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=500, val_size=8)
 # A random-init model never answers correctly (zero-std groups, no gradient): a length penalty gives it a
@@ -64,18 +64,7 @@ def make(tiny_dir, *, batch_size=4, num_samples=4, max_new_tokens=12, lr=3e-3, s
 
 
 def trainer(tmp_path, steps, callbacks=(), **kw):
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **{"enable_checkpointing": False, **kw},
-    )
+    return cpu_trainer(tmp_path, steps, callbacks, **kw)
 
 
 def test_shaped_reward_rises_from_a_random_model(tiny_dir, tmp_path):

@@ -15,7 +15,7 @@ from opd_lightning.models import load_tokenizer
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
 from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss
 from opd_lightning.teachers import TeacherScores
-from tests.conftest import EASY_MATH
+from tests.conftest import EASY_MATH, cpu_trainer
 from tests.test_teachers import make_teacher
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=300, val_size=8)
@@ -67,19 +67,7 @@ class Record(L.Callback):
 
 
 def fit(module, data, steps, tmp_path, callbacks=(), ckpt_path=None, **kw):
-    kw.setdefault("enable_checkpointing", False)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
+    trainer = cpu_trainer(tmp_path, steps, callbacks, **kw)
     # weights_only=False: built in Python (not by the CLI), the hparams hold config dataclasses
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
     return trainer

@@ -9,7 +9,7 @@ from opd_lightning.callbacks import HFExport
 from opd_lightning.data import PromptDataModule, TaskSpec
 from opd_lightning.rollout import SamplingConfig, generate
 from opd_lightning.stages import SFT, WarmupLinearDecay
-from tests.conftest import EASY_MATH
+from tests.conftest import EASY_MATH, cpu_trainer
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=2000, val_size=40)
 
@@ -37,9 +37,7 @@ def make(tiny_dir, lr=1e-2, steps=100, **data_kw):
 
 
 def trainer(tmp_path, steps, callbacks=(), **kw):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                     callbacks=list(callbacks), **{"limit_val_batches": 1, **kw})
+    return cpu_trainer(tmp_path, steps, callbacks, **{"limit_val_batches": 1, "enable_checkpointing": True, **kw})
 
 
 def test_sft_loss_falls_and_greedy_accuracy_rises(tiny_dir, tmp_path):

@@ -9,6 +9,7 @@ The held-out sets are the DataModule's own (seeded by task name), so figures com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ from opd_lightning.models import check_local_path, load_causal_lm, load_tokenize
 from opd_lightning.rewards import exact_accuracy  # noqa: E402
 from opd_lightning.rollout import SamplingConfig, generate  # noqa: E402
 
+# the pipeline configs hold out 200 prompts per task; the same seed gives the same first items at any size
+EVAL_TASKS = [dataclasses.replace(t, val_size=200) for t in DEFAULT_TASKS]
 
-def evaluate(path: str, tasks=DEFAULT_TASKS, max_new_tokens: int = 24, batch_size: int = 200) -> dict[str, float]:
+
+def evaluate(path: str, tasks=EVAL_TASKS, max_new_tokens: int = 24, batch_size: int = 200) -> dict[str, float]:
     tokenizer = load_tokenizer(check_local_path(path, "model"))
     model = load_causal_lm(path)
     data = PromptDataModule(tokenizer=tokenizer, tasks=tasks, max_prompt_length=256, val_batch_size=batch_size)
