@@ -117,10 +117,9 @@ class PolicyModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         self.val_accuracy = DomainMean(datamodule.domains)
         self.val_task_accuracy = DomainMean([s.name for s in datamodule.specs])
-        if self.policy is not None:
-            self._check_context(datamodule)
 
     def on_fit_start(self) -> None:
+        # the policy's config is known only once configure_model has loaded it
         self._check_context(self.trainer.datamodule)
 
     def _check_context(self, datamodule) -> None:
