@@ -3,12 +3,18 @@
 `entries` are the items the DataModule carries through every batch (`{"question", "answer", "metadata"}`).
 Items from `reasoning_gym` are scored by the task's own verifier (`score_answer`, with its partial credit);
 items from local files by normalised exact match.
+
+Stages call :func:`verify`, which gives both readings of one verification: the partial credit (a reward,
+logged under a `reward` name) and exact match (the only thing logged under an `accuracy` name).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+
+import torch
+from torch import Tensor
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -44,11 +50,24 @@ def correctness(completions: list[str], entries: list[dict], **_) -> list[float]
     return [score(c, e) for c, e in zip(completions, entries, strict=True)]
 
 
+def verify(
+    completions: list[str], entries: list[dict], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The verifier's partial credit ``[N]`` float32 and exact match ``[N]`` float32 (1.0 only for full
+    credit). Some `reasoning_gym` verifiers give partial credit (basic_arithmetic scores "-280" as 0.75
+    against "-28"): a fine reward shape, but it would inflate anything called accuracy."""
+    scores = correctness(completions, entries)
+    # full credit is decided on the verifier's own floats: float32 rounds 0.99999999 up to 1.0
+    exact = [float(s >= 1.0) for s in scores]
+    return (
+        torch.tensor(scores, dtype=torch.float32, device=device),
+        torch.tensor(exact, dtype=torch.float32, device=device),
+    )
+
+
 def exact_accuracy(completions: list[str], entries: list[dict], **_) -> list[float]:
-    """1.0 only for a fully correct answer. What `val/accuracy` reports: some `reasoning_gym` verifiers give
-    partial credit (basic_arithmetic scores "-280" as 0.75 against "-28"), which is a fine reward shape but
-    would inflate an accuracy."""
-    return [float(s >= 1.0) for s in correctness(completions, entries)]
+    """1.0 only for a fully correct answer (:func:`verify`'s exact match, as a list)."""
+    return verify(completions, entries)[1].tolist()
 
 
 def length_penalty(completions: list[str], entries: list[dict], *, target_chars: int = 64, **_) -> list[float]:

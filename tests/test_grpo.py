@@ -161,19 +161,19 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 
-def test_partial_credit_can_be_withheld_from_the_reward(tiny_dir):
+def test_partial_credit_can_be_withheld_from_the_reward_and_never_counts_as_accurate(tiny_dir):
     import reasoning_gym
 
     entry = reasoning_gym.create_dataset("basic_arithmetic", seed=0, size=1)[0]
     answer = entry["answer"]
     completions, entries = [answer, answer + "0", "x"], [entry] * 3
     module, _ = make(tiny_dir)
-    score, reward = module.verifier_reward(completions, entries)
-    assert score.tolist() == pytest.approx([1.0, len(answer) / (len(answer) + 1), 0.0])  # substring credit
-    assert reward.tolist() == score.tolist()
+    reward, accuracy = module.verifier_reward(completions, entries)
+    assert reward.tolist() == pytest.approx([1.0, len(answer) / (len(answer) + 1), 0.0])  # substring credit
+    assert accuracy.tolist() == [1.0, 0.0, 0.0]
     module, _ = make(tiny_dir, partial_credit=False)
-    score, reward = module.verifier_reward(completions, entries)
-    assert reward.tolist() == [1.0, 0.0, 0.0]
+    reward, accuracy = module.verifier_reward(completions, entries)
+    assert reward.tolist() == accuracy.tolist() == [1.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------------ bad configs

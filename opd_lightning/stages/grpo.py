@@ -1,12 +1,12 @@
 """GRPO: how a domain expert is made from its SFT checkpoint (Shao et al. 2024, DeepSeekMath sec. 4.1).
 
 Per prompt the policy samples a group of `sampling.num_samples` completions; each is scored by the task's
-verifier (`rewards.correctness`) plus optional shaping terms; advantages are the rewards centred (and by
-default scaled) within each group (`losses.group_advantages`); the policy then takes `ppo_epochs ×
-num_minibatches` clipped-surrogate steps on that rollout (`losses.grpo_loss`, with the Dr. GRPO and DAPO
-aggregations and an optional k3 KL to a frozen reference). The ratio uses the behaviour log-probs recorded
-while sampling, so it is exact: 1 (to float32 round-off) on the first minibatch of the first epoch, the
-off-policy correction after that.
+verifier (`rewards.verify`: partial credit, or exact match with `grpo.partial_credit: false`) plus optional
+shaping terms; advantages are the rewards centred (and by default scaled) within each group
+(`losses.group_advantages`); the policy then takes `ppo_epochs × num_minibatches` clipped-surrogate steps
+on that rollout (`losses.grpo_loss`, with the Dr. GRPO and DAPO aggregations and an optional k3 KL to a
+frozen reference). The ratio uses the behaviour log-probs recorded while sampling, so it is exact: 1 (to
+float32 round-off) on the first minibatch of the first epoch, the off-policy correction after that.
 
 Several optimiser steps per batch means manual optimisation. Consequences a YAML must respect:
 `trainer.max_steps` and `ModelCheckpoint(every_n_train_steps)` count *optimiser* steps, while
@@ -213,8 +213,8 @@ class GRPO(PolicyModule):
         entries = [batch.entries[i] for i in rollout.prompt_index.tolist()]
 
         # 2. Score: verifier (+ shaping) -> group-relative advantages; reference log-probs for the KL.
-        score, correct = self.verifier_reward(completions, entries)  # [N], [N]
-        reward, reward_terms = self.shaped_reward(correct, completions, entries)  # [N]
+        verifier, exact = self.verifier_reward(completions, entries)  # [N], [N]
+        reward, reward_terms = self.shaped_reward(verifier, completions, entries)  # [N]
         advantages, group_metrics = group_advantages(reward, group, scale_std=cfg.scale_std)  # [N]
         ref_logp = None
         if self.reference is not None:
@@ -257,13 +257,13 @@ class GRPO(PolicyModule):
         update_time = _clock(self.device) - start
 
         # 4. Log.
-        self.train_accuracy.update(score, rollout.domains)  # scored as validation scores, for comparison
+        self.train_accuracy.update(exact, rollout.domains)  # exact match, as validation scores it
         lengths = rollout.completion_lengths.float()
         logs = {
             # reward_mean, reward_std (mean within-group std), frac_reward_zero_std (groups with no signal)
             **{f"train/{k}": v for k, v in group_metrics.items()},
             **{f"train/reward/{k}": v for k, v in reward_terms.items()},
-            "train/accuracy": score.mean(),
+            "train/accuracy": exact.mean(),
             **{f"train/accuracy/{d}": v for d, v in self.train_accuracy.compute().items()},
             "train/entropy": entropy.mean(),
             **{f"train/{k}": torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]},
@@ -279,17 +279,16 @@ class GRPO(PolicyModule):
         return {"train/reward_mean": group_metrics["reward_mean"], **logs}
 
     def verifier_reward(self, completions: list[str], entries: list[dict]) -> tuple[Tensor, Tensor]:
-        """The verifier's scores ``[N]`` (as validation reports them) and the correctness reward ``[N]``."""
-        score = torch.tensor(
-            rewards.correctness(completions, entries), dtype=torch.float32, device=self.device
-        )
-        return score, score if self.config.partial_credit else (score == 1.0).float()
+        """The verifier's reward ``[N]`` (partial credit unless ``grpo.partial_credit`` is false) and exact
+        match ``[N]`` (what accuracy reports, here as in validation)."""
+        credit, exact = rewards.verify(completions, entries, self.device)
+        return credit if self.config.partial_credit else exact, exact
 
     def shaped_reward(
-        self, correct: Tensor, completions: list[str], entries: list[dict]
+        self, verifier: Tensor, completions: list[str], entries: list[dict]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Verifier reward plus the weighted shaping terms, ``[N]``; and each term's (unweighted) mean."""
-        reward, terms = correct.float(), {"correctness": correct.float().mean()}
+        reward, terms = verifier, {"correctness": verifier.mean()}
         for term, fn in self.shaping:
             values = torch.tensor(
                 fn(completions, entries, **term.kwargs), dtype=torch.float32, device=self.device
