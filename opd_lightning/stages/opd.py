@@ -279,9 +279,7 @@ class MultiExpertOPD(PolicyModule):
 
         # 3. the verifier's task reward: train accuracy, and the OPD + RL hybrid's extra advantage
         entries = [batch.entries[i] for i in rollout.prompt_index.tolist()]
-        reward = torch.tensor(
-            rewards.correctness(rollout.decode(self.tokenizer), entries), device=mask.device
-        )
+        reward, exact = rewards.verify(rollout.decode(self.tokenizer), entries, mask.device)  # [N], [N]
         task_advantages = None
         if self.distill.reward_weight > 0:
             task_advantages = reward
@@ -300,7 +298,7 @@ class MultiExpertOPD(PolicyModule):
         )
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
-        self._log_routed(rollout, scores, reward, off_policy)
+        self._log_routed(rollout, scores, reward, exact, off_policy)
         return loss
 
     # ------------------------------------------------------------------------------------ helpers
@@ -316,9 +314,11 @@ class MultiExpertOPD(PolicyModule):
         coin = torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 2 + 1)  # odd
         return bool(torch.rand((), generator=coin) < self.distill.off_policy_ratio)
 
-    def _log_routed(self, rollout: Rollout, scores: TeacherScores, reward: Tensor, off_policy: bool) -> None:
+    def _log_routed(
+        self, rollout: Rollout, scores: TeacherScores, reward: Tensor, exact: Tensor, off_policy: bool
+    ) -> None:
         """Diagnostics per teacher and per domain (token-weighted, summed across ranks by DomainMean),
-        train accuracy per domain, the share of tokens each teacher scored and its throughput."""
+        train accuracy (exact match) per domain, the share of tokens each teacher scored, its throughput."""
         mask = rollout.completion_mask
         lengths = mask.sum(-1).float()  # [N]
         for stat in STATS:
@@ -326,7 +326,7 @@ class MultiExpertOPD(PolicyModule):
             self.train_stats.update(per_row, [f"teacher/{t}/{stat}" for t in scores.teacher], weights=lengths)
             self.train_stats.update(per_row, [f"domain/{d}/{stat}" for d in rollout.domains], weights=lengths)
         if not off_policy:  # accuracy of the student's own samples, not the teachers'
-            self.train_stats.update(reward, [f"accuracy/{d}" for d in rollout.domains])
+            self.train_stats.update(exact, [f"accuracy/{d}" for d in rollout.domains])
         values, counts = self.train_stats.compute(), self.train_stats.counts()
         self.train_stats.reset()
         self.log_dict({f"train/{k}": v for k, v in values.items()})
