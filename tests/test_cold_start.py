@@ -1,8 +1,10 @@
 """ColdStart: the student learns its teachers' samples, so its own samples move into the teachers' top-k; teacher
-samples are cached once on disk (atomically) and reused without the teachers; the correctness filter drops
-wrong samples; routing and tokenizer mistakes fail before training."""
+samples are cached once on disk (atomically) and reused without the teachers, and refused once anything they
+depend on changed; the correctness filter drops wrong samples; routing and tokenizer mistakes fail before
+training."""
 
 import json
+import os
 import shutil
 
 import datasets
@@ -13,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from opd_lightning.cli import build_cli
 from opd_lightning.data import PromptDataModule, TaskSpec
+from opd_lightning.data.teacher_samples import CACHE_FORMAT, CACHE_META, TeacherSampleCache, model_fingerprint
 from opd_lightning.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer, tiny_corpus
 from opd_lightning.rollout import SamplingConfig
 from opd_lightning.stages import SFT, ColdStart, ColdStartConfig, WarmupLinearDecay
-from opd_lightning.stages.cold_start import CACHE_META
 from tests.conftest import EASY_MATH, cpu_trainer
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=2000, val_size=40)
@@ -106,6 +108,20 @@ def params(module):
     return torch.cat([p.detach().flatten().clone() for p in module.policy.parameters()])
 
 
+def spy_on_samples(module):
+    """The rows each training step draws (from the cache or the teachers)."""
+    drawn, take = [], module.teacher_samples
+    module.teacher_samples = lambda batch, step: drawn.append(take(batch, step)) or drawn[-1]
+    return drawn
+
+
+def rewrite(path, data: bytes):
+    """Replace a file as tools that save atomically do (a new inode, whatever the mtime resolution)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def test_cold_start_raises_topk_overlap_on_student_rollouts_and_lowers_nll_on_teacher_samples(
     tiny_dir, teacher_dir, tmp_path
 ):
@@ -171,9 +187,7 @@ def test_cache_is_written_once_then_reused_without_calling_the_teacher(tiny_dir,
     )
     calls = count_calls(module)
     start = params(module)
-    drawn = []
-    take = module._cached_rows
-    module._cached_rows = lambda step, count: drawn.append(take(step, count)) or drawn[-1]
+    drawn = spy_on_samples(module)
     trainer(tmp_path, 3).fit(module, datamodule=data)
     assert calls[0] == 0, "the second run must not run the teacher"
     assert not torch.equal(start, params(module)), "the student trained on the cached samples"
@@ -189,7 +203,9 @@ def test_cache_is_written_once_then_reused_without_calling_the_teacher(tiny_dir,
         cache_prompts=40,
         sampling=SamplingConfig(max_new_tokens=6, temperature=0.7, num_samples=2),
     )
-    with pytest.raises(ValueError, match=r"cold_start.cache_dir=.*other settings \(differing: sampling\)"):
+    with pytest.raises(
+        ValueError, match=r"cold_start.cache_dir=.*other settings \(differing: sampling.temperature\)"
+    ):
         trainer(tmp_path, 1).fit(module, datamodule=data)
 
 
@@ -234,11 +250,12 @@ def test_filter_correct_gives_wrong_teacher_samples_no_loss(tiny_dir, teacher_di
     rec = Record()
     trainer(tmp_path, 3, [rec]).fit(module, datamodule=data)
     assert len(sampled) == len(rec.steps) == 3
-    kept = sum(r["reward"] >= 1.0 for rows in sampled for r in rows)
+    kept = sum(r["correct"] for rows in sampled for r in rows)
     print(f"teacher samples kept: {kept} of {3 * 64}")
     assert 0 < kept < 3 * 64, "the teacher is right sometimes, so there is something to filter"
     for rows, logged in zip(sampled, rec.steps):
-        correct = [r for r in rows if r["reward"] >= 1.0]
+        correct = [r for r in rows if r["correct"]]
+        assert all(r["reward"] == 1.0 for r in correct)
         assert logged["train/frac_kept"] == pytest.approx(len(correct) / len(rows))
         # completion tokens in the loss (the causal shift drops none: completions follow the prompt)
         assert logged["train/completion_tokens"] == sum(len(r["completion_ids"]) for r in correct)
@@ -252,13 +269,11 @@ def test_filter_correct_gives_wrong_teacher_samples_no_loss(tiny_dir, teacher_di
         cache_dir=str(tmp_path / "cache"),
         cache_prompts=64,
     )
-    drawn = []
-    take = module._cached_rows
-    module._cached_rows = lambda step, count: drawn.append(take(step, count)) or drawn[-1]
+    drawn = spy_on_samples(module)
     trainer(tmp_path, 2).fit(module, datamodule=data)
-    rewards = datasets.load_from_disk(str(tmp_path / "cache" / "shard-00000"))["reward"]
-    assert min(rewards) < 1.0 and len(module._cache_kept) == sum(r >= 1.0 for r in rewards)
-    assert all(r["reward"] >= 1.0 for d in drawn for r in d)
+    correct = datasets.load_from_disk(str(tmp_path / "cache" / "shard-00000"))["correct"]
+    assert not all(correct) and len(module.cache.kept) == sum(correct)
+    assert all(r["correct"] for d in drawn for r in d)
 
 
 def test_cache_of_only_wrong_samples_with_filter_correct_is_an_error(tiny_dir, tmp_path):
@@ -285,9 +300,7 @@ def test_resumed_cached_run_draws_the_same_rows_and_ends_with_the_same_weights(
         module, data = make(
             tiny_dir, {"math": teacher_dir}, batch_size=8, cache_dir=str(cache), cache_prompts=20
         )
-        drawn = []
-        take = module._cached_rows
-        module._cached_rows = lambda step, count: drawn.append(take(step, count)) or drawn[-1]
+        drawn = spy_on_samples(module)
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
         # weights_only=False: built in Python (not by the CLI), the hparams hold config dataclasses
         trainer(root, steps, [ckpt], enable_checkpointing=True).fit(
@@ -306,6 +319,63 @@ def test_resumed_cached_run_draws_the_same_rows_and_ends_with_the_same_weights(
         for k in torch.load(tmp_path / "interrupted" / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     )
     torch.testing.assert_close(params(straight), params(resumed), rtol=0, atol=1e-6)
+
+
+def test_teacher_fingerprint_reads_the_whole_weight_file_and_the_generation_config(tmp_path):
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "transformers_version": "4.0"}))
+    weights = bytearray(os.urandom(3 << 20))
+    (folder / "model.safetensors").write_bytes(weights)
+    before = model_fingerprint(folder)
+    weights[len(weights) // 2] ^= 1  # one bit, beyond the first and last MiB
+    rewrite(folder / "model.safetensors", bytes(weights))
+    after = model_fingerprint(folder)
+    assert after["weights"]["model.safetensors"] != before["weights"]["model.safetensors"]
+    assert after["config"] == before["config"] and after["generation_config"] is None
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    assert model_fingerprint(folder)["generation_config"] is not None
+    # the same config written by another transformers version: the samples do not change
+    rewrite(folder / "config.json", json.dumps({"model_type": "qwen3", "transformers_version": "4.1"}).encode())
+    assert model_fingerprint(folder)["config"] == before["config"]
+
+
+def _cache_run(student, teacher, cache, tmp_path):
+    module, data = make(student, {"math": teacher}, batch_size=8, cache_dir=str(cache), cache_prompts=8)
+    trainer(tmp_path, 1).fit(module, datamodule=data)
+
+
+def test_cache_is_refused_after_a_teacher_weight_changes_past_the_first_and_last_mib(tiny_dir, tmp_path):
+    teacher, cache = tmp_path / "teacher", tmp_path / "cache"
+    shutil.copytree(tiny_dir, teacher)
+    _cache_run(tiny_dir, teacher, cache, tmp_path)
+    weights = bytearray((teacher / "model.safetensors").read_bytes())
+    assert len(weights) > 3 << 20
+    weights[len(weights) // 2] ^= 1  # the low bit of one float32 weight
+    rewrite(teacher / "model.safetensors", bytes(weights))
+    with pytest.raises(
+        ValueError, match=r"other settings \(differing: teachers\.math\.weights\.model\.safetensors\)"
+    ):
+        _cache_run(tiny_dir, teacher, cache, tmp_path)
+
+
+def test_cache_is_refused_after_the_chat_template_changes(tiny_dir, tmp_path):
+    student, cache = tmp_path / "student", tmp_path / "cache"
+    shutil.copytree(tiny_dir, student)
+    _cache_run(student, tiny_dir, cache, tmp_path)
+    template = student / "chat_template.jinja"
+    rewrite(template, template.read_bytes() + b"{# edited #}")  # renders the same prompts: only the template
+    with pytest.raises(
+        ValueError, match=r"other settings \(differing: chat_template, tokenizer\.chat_template\.jinja\)"
+    ):
+        _cache_run(student, tiny_dir, cache, tmp_path)
+
+
+def test_a_cache_from_an_older_format_is_refused_saying_so(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / CACHE_META).write_text(json.dumps({"format": 1}))
+    with pytest.raises(ValueError, match=rf"written in cache format 1, this version reads format {CACHE_FORMAT}"):
+        TeacherSampleCache(tmp_path / "cache", {"format": CACHE_FORMAT}, filter_correct=False, seed=0, field="f")
 
 
 def test_a_domain_without_teacher_is_an_error_at_setup_naming_it(tiny_dir, teacher_dir, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from opd_lightning import rewards
 from opd_lightning.data import PromptDataModule, TaskSpec
 from opd_lightning.rollout import SamplingConfig
-from opd_lightning.stages import GRPO, MultiExpertOPD
+from opd_lightning.stages import GRPO, ColdStart, MultiExpertOPD
 from tests.conftest import EASY_MATH, cpu_trainer
 
 ENTRY = {"question": "Calculate 2 - 30.", "answer": "-28", "metadata": {"source_dataset": "basic_arithmetic"}}
@@ -33,10 +33,19 @@ def _opd(model):
     return MultiExpertOPD(model=model, teachers={"math": model}, sampling=SamplingConfig(max_new_tokens=4))
 
 
-# stage -> (logged accuracies, logged reward)
+def _cold_start(model):
+    return ColdStart(model=model, teachers={"math": model}, sampling=SamplingConfig(max_new_tokens=4))
+
+
+# stage -> (logged accuracies, logged reward): the student's for GRPO and OPD, the teachers' for ColdStart
 STAGES = {
     "grpo": (_grpo, ["train/accuracy", "train/accuracy/math"], "train/reward/correctness"),
     "opd": (_opd, ["train/accuracy/math"], "train/reward"),
+    "cold_start": (
+        _cold_start,
+        ["train/teacher_accuracy", "train/teacher_accuracy/math", "val/teacher_accuracy"],
+        "train/teacher_reward",
+    ),
 }
 
 

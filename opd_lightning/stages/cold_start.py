@@ -8,44 +8,36 @@ pipelines. Its purpose is to make the student's own samples land where the teach
 validation measures directly: the top-k overlap between student and teacher next-token distributions on
 held-out *student* rollouts (`val/topk_overlap/<domain>`), which should rise during cold start.
 
-Where the teacher samples come from (`cold_start.cache_dir`):
-
-* `null`: on the fly. Every training batch's prompts are sampled by their teachers inside the step.
-* a folder: once, up front (at fit start), the teachers sample `cold_start.cache_prompts` prompts taken from
-  the head of the datamodule's own training stream (each data-parallel rank samples its share), and the rows
-  are written atomically as a `datasets` folder (one Arrow shard per rank plus `cold_start_meta.json`). A later
-  run with the same teachers, tokenizer, sampling and task mixture reuses it without touching the teachers;
-  any other settings are refused with the differing fields named (regenerating silently would throw away
-  expensive samples, reusing silently would train on the wrong ones). Training steps then draw cached rows in
-  a seeded permutation per pass over the cache, addressed by the run's batch index, so resuming is exact.
-  The datamodule still drives the loop in this mode: it is the step clock (epochs, validation cadence,
-  checkpoint/resume) and `len(batch) * sampling.num_samples` sets the rows per step; the prompts of its
-  training batches are not used. `filter_correct` is applied when reading, so changing it needs no new cache.
+Where the teacher samples come from (`cold_start.cache_dir`): `null` samples every training batch's prompts
+inside the step; a folder holds samples made once at fit start and reused by later runs
+(:mod:`opd_lightning.data.teacher_samples`). In cache mode the datamodule still drives the loop: it is the
+step clock (epochs, validation cadence, checkpoint/resume) and `len(batch) * sampling.num_samples` sets the
+rows per step; the prompts of its training batches are not used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 
-from opd_lightning import rewards
-from opd_lightning.data.batch import PromptBatch, SFTBatch, make_sft_batch
+from opd_lightning.data.batch import PromptBatch
+from opd_lightning.data.teacher_samples import (
+    TeacherSampleCache,
+    cache_meta,
+    collate_rows,
+    rows_from_rollout,
+    write_cache,
+)
 from opd_lightning.losses import completion_nll, masked_mean
 from opd_lightning.metrics import DomainMean
 from opd_lightning.rollout import SamplingConfig, completion_logits
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool
 
-CACHE_META = "cold_start_meta.json"
-CACHE_FORMAT = 1
 VAL_METRICS = (
     "topk_overlap",
     "student_shared_mass",
@@ -60,7 +52,7 @@ class ColdStartConfig:
     """Where teacher samples come from, which are kept, and the validation diagnostics."""
 
     filter_correct: bool = False
-    """Keep only teacher samples the task's verifier scores fully correct (`rewards.correctness` == 1)."""
+    """Keep only teacher samples the task's verifier scores fully correct (exact match, `rewards.verify`)."""
     cache_dir: str | None = None
     """Folder of teacher samples generated once at fit start and reused by later runs; null samples on the
     fly in every training step."""
@@ -109,9 +101,7 @@ class ColdStart(PolicyModule):
         self.config = cold_start or ColdStartConfig()
         self.teachers = TeacherPool(teachers, field="model.init_args.teachers")
         self.teachers.check_tokenizers(self.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
-        self.cache = None  # the cached rows (a datasets.Dataset) once loaded, in cache mode
-        self._cache_kept: torch.Tensor | None = None  # [K] ids of the cached rows that pass filter_correct
-        self._permutation: tuple[int, torch.Tensor] | None = None  # (pass over the cache, its row order)
+        self.cache: TeacherSampleCache | None = None  # in cache mode, once fit starts
         self._val_teacher_rows: dict[str, list[dict]] = {}
 
     # ------------------------------------------------------------------------------------ building
@@ -135,21 +125,43 @@ class ColdStart(PolicyModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.config.cache_dir is not None:
-            self._load_or_build_cache(Path(self.config.cache_dir))
+        if self.config.cache_dir is None:
+            return
+        path, strategy = Path(self.config.cache_dir), self.trainer.strategy
+        # reading every teacher's weights is I/O-bound: one process fingerprints, the others get the result
+        meta = strategy.broadcast(self.cache_meta() if strategy.is_global_zero else None)
+        if not strategy.broadcast(path.exists()):
+            write_cache(
+                path, meta, loader=self.trainer.datamodule.train_dataloader(),
+                prompts=self.config.cache_prompts, strategy=strategy, device=self.device,
+                sample=lambda batch, g: self.teacher_rows(batch, self._generator(g, salt=1)),
+            )  # fmt: skip
+        self.cache = TeacherSampleCache(
+            path, meta, filter_correct=self.config.filter_correct, seed=self.config.seed,
+            field="model.init_args.cold_start.cache_dir",
+        )  # fmt: skip
+        stats = self.cache.stats()
+        rank_zero_info(
+            f"[opd] cold start cache {path}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items())
+        )
+        if self.logger is not None:
+            self.logger.log_metrics(stats, step=self.global_step)
+
+    def cache_meta(self) -> dict:
+        return cache_meta(
+            teachers=self.teachers, dtype=self.hparams.dtype, tokenizer=self.tokenizer,
+            tokenizer_dir=self.model_path, sampling=self.sampling, cache_prompts=self.config.cache_prompts,
+            seed=self.config.seed, datamodule=self.trainer.datamodule,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------ training
 
     def training_step(self, batch: PromptBatch, batch_idx: int):
         # 1. teacher samples: drawn from the cache, or sampled now by each prompt's routed teacher
         # the batch index counts batches, not optimiser steps (accumulation), and is restored on resume
-        step = self.trainer.fit_loop.total_batch_idx
-        if self.cache is None:
-            rows = self.teacher_rows(batch, self._generator(step, salt=0))
-        else:
-            rows = self._cached_rows(step, len(batch) * self.sampling.num_samples)
-        scores = torch.tensor([r["reward"] for r in rows], device=self.device)
-        keep = scores >= 1.0 if self.config.filter_correct else torch.ones_like(scores, dtype=torch.bool)
+        rows = self.teacher_samples(batch, self.trainer.fit_loop.total_batch_idx)
+        correct = torch.tensor([r["correct"] for r in rows], device=self.device)  # [N] bool, exact match
+        keep = correct if self.config.filter_correct else torch.ones_like(correct)
 
         # 2. the student, teacher-forced on prompt + teacher completion; loss on the completion tokens (EOS
         # included). Rejected rows stay in the batch with an empty mask, so every rank runs the same forward.
@@ -163,18 +175,25 @@ class ColdStart(PolicyModule):
         self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
         self.log("train/frac_kept", keep.float().mean())
         if self.cache is None:  # in cache mode: cache/teacher_accuracy, logged once at fit start
-            self.log("train/teacher_accuracy", scores.mean())
+            self.log("train/teacher_reward", torch.tensor([r["reward"] for r in rows]).mean())
+            self.log("train/teacher_accuracy", correct.float().mean())
             for domain in sorted(set(samples.domains)):
                 self.log(
                     f"train/teacher_accuracy/{domain}",
-                    scores[_is(samples.domains, domain, self.device)].mean(),
+                    correct[_is(samples.domains, domain, self.device)].float().mean(),
                 )
         return loss
 
+    def teacher_samples(self, batch: PromptBatch, step: int) -> list[dict]:
+        """The rows batch `step` trains on: `len(batch) * sampling.num_samples` of them."""
+        if self.cache is None:
+            return self.teacher_rows(batch, self._generator(step, salt=0))
+        count = len(batch) * self.sampling.num_samples
+        return self.cache.rows(step, self.global_rank, self.trainer.world_size, count)
+
     @torch.no_grad()
     def teacher_rows(self, batch: PromptBatch, generator: torch.Generator | None) -> list[dict]:
-        """`sampling.num_samples` completions of each prompt by its routed teacher, scored by the verifier,
-        as rows (the cache's columns): unpadded token ids, domain, task, teacher, reward, truncated."""
+        """`sampling.num_samples` completions of each prompt by its routed teacher, verified, as rows."""
         rollout = self.teachers.generate(
             batch.prompt_ids,
             batch.prompt_mask,
@@ -185,139 +204,12 @@ class ColdStart(PolicyModule):
             generator=generator,
             tokenizer=self.tokenizer,
         )
-        source = rollout.prompt_index.tolist()  # [N] row of the batch each completion answers
-        scores = rewards.correctness(rollout.decode(self.tokenizer), [batch.entries[i] for i in source])
-        teachers = self.teachers.route(rollout.domains)
-        return [
-            {
-                "prompt_ids": batch.prompt_ids[i][batch.prompt_mask[i]].tolist(),
-                "completion_ids": rollout.completion_ids[j][rollout.completion_mask[j]].tolist(),
-                "domain": batch.domains[i],
-                "task": batch.tasks[i],
-                "teacher": teachers[j],
-                "reward": float(scores[j]),
-                "truncated": bool(rollout.is_truncated[j]),
-            }
-            for j, i in enumerate(source)
-        ]
+        return rows_from_rollout(batch, rollout, self.teachers.route(rollout.domains), self.tokenizer)
 
     def _generator(self, index: int, salt: int) -> torch.Generator:
         """Seeded by (seed, batch index, rank, purpose), so runs are reproducible and resumable."""
         seed = ((self.config.seed * 1_000_003 + index) * 1_009 + self.global_rank) * 7 + salt
         return torch.Generator(device=self.device).manual_seed(seed)
-
-    # ------------------------------------------------------------------------------------ the cache
-
-    def cache_meta(self) -> dict:
-        """What the cached rows depend on; a cache whose meta differs is refused: format, teachers (routes and
-        weights), tokenizer, sampling, number of prompts, seed, and the task mixture with its seed. The
-        data-parallel layout and batch size are left out: any prompts of the same mixture serve."""
-        data = self.trainer.datamodule
-        meta = {
-            "format": CACHE_FORMAT,
-            "routes": self.teachers.routes,
-            "teachers": {name: weights_fingerprint(path) for name, path in self.teachers.paths.items()},
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "sampling": {k: v for k, v in asdict(self.sampling).items() if k != "sync_ranks"},
-            "cache_prompts": self.config.cache_prompts,
-            "seed": self.config.seed,
-            "data": {
-                "tasks": [asdict(s) for s in data.specs],
-                "domain_weights": data.domain_weights,
-                "ood_ratio": data.ood_ratio,
-                "system_prompt": data.system_prompt,
-                "seed": data.seed,
-            },
-        }
-        return json.loads(json.dumps(meta))  # tuples -> lists, as they read back from disk
-
-    def _load_or_build_cache(self, path: Path) -> None:
-        import datasets
-
-        field = f"model.init_args.cold_start.cache_dir={str(path)!r}"
-        meta = self.cache_meta()
-        if not path.exists():
-            self._build_cache(path, meta)
-        if not (path / CACHE_META).is_file():
-            raise ValueError(
-                f"{field} exists but is not a cold-start cache (no {CACHE_META}); use another folder"
-            )
-        stored = json.loads((path / CACHE_META).read_text())
-        differ = [k for k in sorted(meta.keys() | stored.keys()) if meta.get(k) != stored.get(k)]
-        if differ:
-            raise ValueError(
-                f"{field} holds teacher samples made with other settings (differing: {', '.join(differ)}). "
-                "Delete the folder to regenerate it, or point cache_dir at a new folder."
-            )
-        shards = sorted(p for p in path.iterdir() if p.name.startswith("shard-"))
-        self.cache = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shards])
-        scores = torch.tensor(self.cache["reward"], dtype=torch.float64)
-        kept = scores >= 1.0 if self.config.filter_correct else torch.ones_like(scores, dtype=torch.bool)
-        self._cache_kept = kept.nonzero().flatten()
-        if len(self._cache_kept) == 0:
-            raise ValueError(
-                f"{field}: none of the {len(scores)} cached teacher samples is correct, so "
-                "filter_correct keeps nothing; check the teachers or set filter_correct: false"
-            )
-        domains = self.cache["domain"]
-        stats = {
-            "cache/rows": float(len(scores)),
-            "cache/frac_kept": kept.double().mean().item(),
-            "cache/teacher_accuracy": scores.mean().item(),
-        }
-        for domain in sorted(set(domains)):
-            stats[f"cache/teacher_accuracy/{domain}"] = scores[[d == domain for d in domains]].mean().item()
-        rank_zero_info(
-            f"[opd] cold start cache {path}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items())
-        )
-        if self.logger is not None:
-            self.logger.log_metrics(stats, step=self.global_step)
-
-    def _build_cache(self, path: Path, meta: dict) -> None:
-        """Sample this rank's share of the cache prompts; write shards to a temporary sibling, then rename, so
-        `path` appears complete or not at all."""
-        import datasets
-
-        strategy, rank, world = self.trainer.strategy, self.global_rank, self.trainer.world_size
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while writing
-            tmp.mkdir(parents=True)
-        strategy.barrier("cold_start_cache_tmp")
-        share = self.config.cache_prompts // world + int(rank < self.config.cache_prompts % world)
-        rows, seen = [], 0
-        for g, batch in enumerate(_endless(self.trainer.datamodule.train_dataloader())):  # from batch 0
-            if seen >= share:
-                break
-            batch = move_data_to_device(_head(batch, share - seen), self.device)
-            seen += len(batch)
-            rows += self.teacher_rows(batch, self._generator(g, salt=1))
-            rank_zero_info(f"[opd] cold start cache: rank {rank} sampled {seen}/{share} prompts")
-        features = _cache_features()
-        columns = {k: [r[k] for r in rows] for k in features}
-        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(
-            str(tmp / f"shard-{rank:05d}")
-        )
-        strategy.barrier("cold_start_cache_written")
-        if self.trainer.is_global_zero:
-            (tmp / CACHE_META).write_text(json.dumps(meta, indent=2))
-            os.rename(tmp, path)
-        strategy.barrier("cold_start_cache_renamed")
-
-    def _cached_rows(self, step: int, count: int) -> list[dict]:
-        """Positions `[start, start + count)` of an endless stream of seeded permutations of the kept rows,
-        each rank and batch its own slice: every kept row is seen once per pass over the cache."""
-        n = len(self._cache_kept)
-        start = (step * self.trainer.world_size + self.global_rank) * count
-        ids = []
-        for position in range(start, start + count):
-            epoch, i = divmod(position, n)
-            if self._permutation is None or self._permutation[0] != epoch:
-                gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-                self._permutation = (epoch, torch.randperm(n, generator=gen))
-            ids.append(int(self._cache_kept[self._permutation[1][i]]))
-        columns = self.cache[ids]
-        return [{k: columns[k][j] for k in columns} for j in range(len(ids))]
 
     # ------------------------------------------------------------------------------------ validation
 
@@ -359,7 +251,7 @@ class ColdStart(PolicyModule):
                 mask = samples.loss_mask[:, 1:] & _is(samples.domains, domain, self.device)[:, None]
                 _, metrics = completion_nll(logits[:, :-1], samples.input_ids[:, 1:], mask)
                 m["teacher_sample_nll"].update(metrics["nll"], [domain], mask.sum().float())
-            m["teacher_accuracy"].update(torch.tensor([r["reward"] for r in rows]), samples.domains)
+            m["teacher_accuracy"].update(torch.tensor([float(r["correct"]) for r in rows]), samples.domains)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -371,68 +263,5 @@ class ColdStart(PolicyModule):
         self.log_val_metrics(values)
 
 
-# ---------------------------------------------------------------------------------------- row helpers
-
-
-def _cache_features() -> dict:
-    import datasets
-
-    return {
-        "prompt_ids": datasets.Sequence(datasets.Value("int32")),  # the prompt, chat template included
-        "completion_ids": datasets.Sequence(datasets.Value("int32")),  # the teacher's answer + EOS
-        "domain": datasets.Value("string"),
-        "task": datasets.Value("string"),
-        "teacher": datasets.Value("string"),  # key of `teachers` that sampled it
-        "reward": datasets.Value("float32"),  # rewards.correctness of the completion
-        "truncated": datasets.Value("bool"),  # hit max_new_tokens without EOS
-    }
-
-
-def collate_rows(rows: list[dict], pad_token_id: int, device) -> SFTBatch:
-    """Prompt + completion rows as one right-padded SFT batch with the loss mask on the completion."""
-    batch = make_sft_batch([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows],
-                           [r["domain"] for r in rows], [r.get("task", "") for r in rows], pad_token_id)
-    return move_data_to_device(batch, device)
-
-
-def _endless(loader):
-    """The training stream past epoch ends (each pass over the loader continues where the last stopped)."""
-    while True:
-        yield from loader
-
-
 def _is(domains: list[str], domain: str, device) -> torch.Tensor:  # [N] bool
     return torch.tensor([d == domain for d in domains], device=device)
-
-
-def _head(batch: PromptBatch, n: int) -> PromptBatch:
-    if n >= len(batch):
-        return batch
-    return PromptBatch(
-        batch.prompt_ids[:n],
-        batch.prompt_mask[:n],
-        batch.domains[:n],
-        batch.aligned[:n],
-        batch.tasks[:n],
-        batch.entries[:n],
-    )
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = [tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id]
-    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
-    """A cheap content hash of a model folder: config.json, and each weight file's size, head and tail
-    (changes whenever the weights are retrained; survives copying the folder elsewhere)."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(edge_bytes))
-            fh.seek(max(0, size - edge_bytes))
-            h.update(fh.read(edge_bytes))
-    return h.hexdigest()[:16]
