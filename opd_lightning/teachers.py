@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from opd_lightning.losses import support_logprobs, token_logprobs, topk_support
+from opd_lightning.ops import support_logprobs, token_logprobs, topk_support
 from opd_lightning.metrics import token_entropy, token_kl, topk_overlap
 from opd_lightning.models import check_local_path, check_same_tokenizer, load_frozen, load_tokenizer
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate

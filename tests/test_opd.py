@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from opd_lightning.data import PromptDataModule, TaskSpec
-from opd_lightning.losses import masked_mean, token_logprobs
+from opd_lightning.losses import masked_mean
+from opd_lightning.ops import token_logprobs
 from opd_lightning.models import load_tokenizer
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
 from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_lightning.losses import support_logprobs
 from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
+from opd_lightning.ops import support_logprobs
 from opd_lightning.rollout import SamplingConfig, completion_logits, completion_logprobs, generate
 from opd_lightning.teachers import TeacherPool
 

@@ -41,10 +41,10 @@ from opd_lightning.losses import (
     reverse_kl,
     sampled_reverse_kl,
     skew_kl,
-    token_logprobs,
     topk_reverse_kl,
 )
 from opd_lightning.metrics import DomainMean
+from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool, TeacherScores
