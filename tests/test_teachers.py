@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,27 @@ def test_teacher_sampling_gives_each_prompt_its_routed_teachers_completion(teach
         torch.testing.assert_close(mixed.logprobs[out_rows, :c], alone.logprobs)
     # the behaviour log-probs are the teachers': scoring the samples reproduces them
     torch.testing.assert_close(pool.score(mixed).logprobs, mixed.logprobs, rtol=0, atol=1e-4)
+
+
+def test_domains_whose_safe_names_collide_keep_their_own_teachers(teachers, rollout):
+    a, b = teachers
+    # "a.b" and "a_b" both sanitise to "a_b": one ModuleDict key would let b replace a for both domains
+    pool = loaded_pool({"a.b": a, "a_b": b})
+    assert pool.names == ["a_b", "a_b_2"]
+    assert pool.route(["a.b", "a_b"]) == ["a_b", "a_b_2"]
+    assert len(pool.models) == 2
+    renamed = dataclasses.replace(rollout, domains=["a.b", "a_b"] * 3)
+    with torch.no_grad():
+        under_a = completion_logprobs(load_causal_lm(a).eval(), rollout)
+        under_b = completion_logprobs(load_causal_lm(b).eval(), rollout)
+    expected = torch.where(torch.tensor([d == "a_b" for d in renamed.domains])[:, None], under_b, under_a)
+    torch.testing.assert_close(pool.score(renamed).logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_a_suffixed_name_does_not_take_the_name_of_a_later_domain(teachers, tmp_path):
+    a, b = teachers
+    c = make_teacher(Path(a), tmp_path / "c", seed=3)
+    pool = TeacherPool({"x.y": a, "x_y": b, "x_y_2": c})
+    assert pool.names == ["x_y", "x_y_2", "x_y_2_2"]
+    assert pool.route(["x.y", "x_y", "x_y_2"]) == pool.names
+

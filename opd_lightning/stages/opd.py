@@ -43,22 +43,13 @@ from opd_lightning.losses import (
     skew_kl,
     topk_reverse_kl,
 )
-from opd_lightning.metrics import DomainMean
+from opd_lightning.metrics import DISTILLATION_STATS, DomainMean
 from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool, TeacherScores
 
 LOSSES = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
-# Per-token diagnostics of TeacherScores.stats, logged per teacher and per domain.
-STATS = (
-    "reverse_kl",
-    "student_entropy",
-    "teacher_entropy",
-    "topk_overlap",
-    "student_shared_mass",
-    "teacher_shared_mass",
-)
 
 
 @dataclass
@@ -225,9 +216,10 @@ class MultiExpertOPD(PolicyModule):
                     "distill.reward_normalization: group needs sampling.num_samples >= 2 (a group per prompt), "
                     f"got {self.sampling.num_samples}; raise it or use reward_normalization: none"
                 )
-        # Cheap and before any weights load: folders exist, tokenizers equal the student's.
-        self.teachers = TeacherPool(teachers, field="model.init_args.teachers")
-        self.teachers.check_tokenizers(self.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
+        # Cheap and before any weights load: folders exist, tokenizers and chat templates equal the student's.
+        self.teachers = TeacherPool.for_student(
+            teachers, self.tokenizer, trust_remote_code=self.hparams.trust_remote_code
+        )
 
     # ------------------------------------------------------------------------------------ building
 
@@ -240,8 +232,8 @@ class MultiExpertOPD(PolicyModule):
         # A missing route is a config error: say so before any model loads or any step runs.
         self.teachers.check_domains(datamodule.domains)
         super().setup(stage)
-        names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in STATS]
-        names += [f"domain/{d}/{s}" for d in datamodule.domains for s in STATS]
+        names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in DISTILLATION_STATS]
+        names += [f"domain/{d}/{s}" for d in datamodule.domains for s in DISTILLATION_STATS]
         names += [f"accuracy/{d}" for d in datamodule.domains]
         self.train_stats = DomainMean(names)
 
@@ -321,7 +313,7 @@ class MultiExpertOPD(PolicyModule):
         train accuracy per domain, the share of tokens each teacher scored and its throughput."""
         mask = rollout.completion_mask
         lengths = mask.sum(-1).float()  # [N]
-        for stat in STATS:
+        for stat in DISTILLATION_STATS:
             per_row = torch.where(mask, scores.stats[stat], 0.0).sum(-1) / lengths.clamp(min=1)  # [N]
             self.train_stats.update(per_row, [f"teacher/{t}/{stat}" for t in scores.teacher], weights=lengths)
             self.train_stats.update(per_row, [f"domain/{d}/{stat}" for d in rollout.domains], weights=lengths)
