@@ -94,6 +94,23 @@ def load_frozen(path: str | os.PathLike, *, dtype: torch.dtype | str, field: str
     return model
 
 
+def stop_token_ids(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+    """The ids that end a sample of ``model``: ``eos_token_id`` (the tokenizer's EOS, or ids gathered already)
+    and every ``generation_config.eos_token_id`` of the model, in that order, without repeats.
+
+    They differ in real checkpoints: Qwen3-Base's tokenizer ends text with ``<|endoftext|>`` while its chat
+    turns end with ``<|im_end|>``, which only its generation config lists; sampling that stops at the
+    tokenizer's EOS alone runs every chat answer to ``max_new_tokens``.
+    """
+    config = model.generation_config  # None for models that cannot generate
+    ids = [*_as_list(eos_token_id), *_as_list(None if config is None else config.eos_token_id)]
+    return list(dict.fromkeys(ids))
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def check_same_tokenizer(reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str) -> None:
     """Distillation compares distributions token by token, so the vocabularies must be identical."""
     problems = []

@@ -41,6 +41,7 @@ from opd_lightning.models import (
     check_same_tokenizer,
     load_frozen,
     load_tokenizer,
+    stop_token_ids,
 )
 from opd_lightning.ops import support_logprobs, token_logprobs, topk_support
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
@@ -294,20 +295,23 @@ class TeacherPool(TeacherRoutes, nn.Module):
 
         For GKD's off-policy share (Agarwal et al. 2024) and ColdStart's teacher rollouts. Each teacher
         samples only its prompts; rows are padded to the longest completion of the batch. The behaviour
-        log-probs are the teachers'. Teachers are plain (unsharded) modules on every rank, so no rank
-        lockstep is needed here: ``config.sync_ranks`` is ignored.
+        log-probs are the teachers'. A teacher's sample ends at ``eos_token_id`` (the stage's stop ids) or
+        at any EOS id of that teacher's own generation config (:func:`opd_lightning.models.stop_token_ids`).
+        Teachers are plain (unsharded) modules on every rank, so no rank lockstep is needed here:
+        ``config.sync_ranks`` is ignored.
         """
         g = config.num_samples
         if config.sync_ranks:
             config = SamplingConfig(**{**config.__dict__, "sync_ranks": False})
         parts = []
         for name, rows in self.rows(domains, prompt_ids.device).items():
+            model = self.models[name]
             part = generate(
-                self.models[name],
+                model,
                 prompt_ids[rows],
                 prompt_mask[rows],
                 config,
-                eos_token_id=eos_token_id,
+                eos_token_id=stop_token_ids(model, eos_token_id),
                 pad_token_id=pad_token_id,
                 domains=[domains[i] for i in rows.tolist()],
                 generator=generator,

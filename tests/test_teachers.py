@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,24 @@ def test_a_suffixed_name_does_not_take_the_name_of_a_later_domain(teachers, tmp_
     assert pool.names == ["x_y", "x_y_2", "x_y_2_2"]
     assert pool.route(["x.y", "x_y", "x_y_2"]) == pool.names
 
+
+def test_teacher_sampling_also_stops_at_the_teachers_generation_config_eos(
+    teachers, rollout, tiny_tokenizer, tmp_path
+):
+    a, _ = teachers
+    prompt_ids, prompt_mask = rollout.prompt_ids[:1], rollout.prompt_mask[:1]
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    free = loaded_pool({"default": a}).generate(prompt_ids, prompt_mask, ["math"], config, **kw)
+    assert free.completion_lengths.item() == 8, "the greedy sample must not stop by itself for this test"
+    stop = int(free.completion_ids[0, 2])
+    # a chat checkpoint whose turns end in a token the tokenizer's EOS is not (Qwen3-Base: <|im_end|>)
+    chat = tmp_path / "chat-teacher"
+    shutil.copytree(a, chat)
+    model = load_causal_lm(chat)
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, stop]
+    model.save_pretrained(chat)
+    stopped = loaded_pool({"default": chat}).generate(prompt_ids, prompt_mask, ["math"], config, **kw)
+    first = free.completion_ids[0].tolist().index(stop)
+    assert stopped.completion_ids[0].tolist() == free.completion_ids[0, : first + 1].tolist()
+    assert not stopped.is_truncated[0]

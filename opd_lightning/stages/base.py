@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch
 from opd_lightning.metrics import DomainMean
-from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path
+from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from opd_lightning.rollout import SamplingConfig, generate
 
 
@@ -96,6 +96,7 @@ class PolicyModule(L.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_config = eval or EvalConfig()
         self.policy: torch.nn.Module | None = None
+        self.eos_token_ids: list[int] | None = None  # what ends a sample (models.stop_token_ids), set on load
         self._val_samples: list[str] = []
 
     # ------------------------------------------------------------------------------------ building
@@ -105,6 +106,7 @@ class PolicyModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = self.load_policy(self.model_path)
+        self.eos_token_ids = stop_token_ids(self.policy, self.tokenizer.eos_token_id)
         self.policy.train()  # from_pretrained returns eval-mode modules
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -177,8 +179,9 @@ class PolicyModule(L.LightningModule):
         if self.trainer.world_size > 1 and not config.sync_ranks:
             config = SamplingConfig(**{**config.__dict__, "sync_ranks": True})
         return generate(
-            policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.tokenizer.eos_token_id,
+            policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id, domains=batch.domains, generator=generator,
+            tokenizer=self.tokenizer,  # stop strings are matched on decoded text
         )
 
     # --------------------------------------------------------------------------- validation by generation

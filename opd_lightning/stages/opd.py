@@ -248,8 +248,8 @@ class MultiExpertOPD(PolicyModule):
         if off_policy:
             rollout = self.teachers.generate(
                 batch.prompt_ids, batch.prompt_mask, batch.domains, self.sampling,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                generator=self._generator(),
+                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                generator=self._generator(), tokenizer=self.tokenizer,
             )  # fmt: skip
         else:
             rollout = self.sample(self.policy, batch, self.sampling, generator=self._generator())
