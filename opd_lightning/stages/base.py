@@ -121,17 +121,34 @@ class PolicyModule(L.LightningModule):
         self.val_task_accuracy = DomainMean([s.name for s in datamodule.specs])
 
     def on_fit_start(self) -> None:
-        # the policy's config is known only once configure_model has loaded it
+        # the models' configs are known only once configure_model has loaded them
         self._check_context(self.trainer.datamodule)
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """``YAML field -> model`` for every loaded frozen model (teachers, reference) under `frozen_modules`;
+        `models.load_frozen` records the field each came from."""
+        found = {}
+        for name in self.frozen_modules:
+            module = getattr(self, name)
+            if module is not None:
+                found.update({m.yaml_field: m for m in module.modules() if hasattr(m, "yaml_field")})
+        return found
+
     def _check_context(self, datamodule) -> None:
-        limit = getattr(self.policy.config, "max_position_embeddings", None)  # not every config has one
-        need = datamodule.max_prompt_length + max(self.eval_config.max_new_tokens, self.max_new_tokens())
-        if limit is not None and need > limit:
-            raise ValueError(
-                f"data.max_prompt_length + max new tokens = {need} exceeds the model's context "
-                f"({limit} positions); lower one of them"
-            )
+        """Every model that reads prompt + completion (the policy, and each teacher or reference that scores
+        or samples them) must hold it in its context: past it, positions are ones the model never learned."""
+        new_tokens = max(self.eval_config.max_new_tokens, self.max_new_tokens())
+        need = datamodule.max_prompt_length + new_tokens
+        for field, model in {"model.init_args.model": self.policy, **self.frozen_models()}.items():
+            limit = getattr(model.config, "max_position_embeddings", None)  # not every config has one
+            if limit is not None and need > limit:
+                raise ValueError(
+                    f"{field}: the model's context is {limit} positions, but data.max_prompt_length "
+                    f"({datamodule.max_prompt_length}) + max new tokens ({new_tokens}: the larger of "
+                    "model.init_args.eval.max_new_tokens and the stage's sampling or answer length) = "
+                    f"{need}.\n"
+                    "Lower one of them, or use a model with a longer context."
+                )
 
     def max_new_tokens(self) -> int:
         """Longest completion the stage trains on (stages that sample override this)."""
