@@ -17,6 +17,10 @@ Conventions shared by every function here:
   means are *local* token means (they ignore ``normalizer``) so that they read as the quantity they
   name on any micro-batch.
 * Teacher / reference inputs are not detached: score them under ``torch.no_grad()``.
+
+The log-prob primitives the losses are built from (log-softmax gathers, per-token KL, top-k supports)
+live in :mod:`opd_lightning.ops`, shared with rollout, teachers and metrics; the masked means stay
+here because they carry the loss normalisation above.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from opd_lightning.ops import kl_divergence, log_softmax, support_logprobs, upcast
 
 __all__ = [
     "completion_nll",
@@ -41,32 +47,20 @@ __all__ = [
     "reverse_kl",
     "sampled_reverse_kl",
     "skew_kl",
-    "support_logprobs",
-    "token_logprobs",
     "topk_reverse_kl",
-    "topk_support",
 ]
 
 Normalizer = float | Tensor | None
 Metrics = dict[str, Tensor]
-
-# Elements per float32 chunk when upcasting half-precision logits (256 MiB): bounds the temporary
-# copy however long the batch.
-_UPCAST_CHUNK_ELEMENTS = 2**26
-
 
 # --------------------------------------------------------------------------------------------------
 # Masked means
 # --------------------------------------------------------------------------------------------------
 
 
-def _upcast(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     # where, not multiply: padding may hold inf / nan (0 * inf = nan).
-    masked = torch.where(mask.bool(), _upcast(values), 0.0)
+    masked = torch.where(mask.bool(), upcast(values), 0.0)
     return masked.sum() if dim is None else masked.sum(dim)
 
 
@@ -92,54 +86,6 @@ def _local_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probabilities
-# --------------------------------------------------------------------------------------------------
-
-
-def _gather_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-def support_logprobs(logits: Tensor, ids: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """``log softmax(logits / temperature)`` read at ``ids``: ``[..., V]`` and ``[..., K]`` -> ``[..., K]``.
-
-    ``log p(i) = z_i / tau - logsumexp(z / tau)``: one gather and one logsumexp, so no log-softmax
-    copy of the logits is kept. Half-precision logits are upcast to float32 a chunk of rows at a
-    time, which bounds the temporary copy under ``no_grad`` (rollout, teacher scoring); with
-    autograd on, each chunk is kept for the backward pass (verl ``logprobs_from_logits_v2`` does
-    the same row by row).
-    Used by the teacher side of :func:`topk_reverse_kl` (``ids`` from :func:`topk_support`).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if logits.dtype in (torch.float32, torch.float64):
-        return _gather_logprobs(logits, ids, temperature)
-    vocab, k = logits.shape[-1], ids.shape[-1]
-    flat_logits, flat_ids = logits.reshape(-1, vocab), ids.reshape(-1, k)
-    rows = max(1, _UPCAST_CHUNK_ELEMENTS // vocab)
-    chunks = [
-        _gather_logprobs(chunk.float(), chunk_ids, temperature)
-        for chunk, chunk_ids in zip(flat_logits.split(rows), flat_ids.split(rows), strict=True)
-    ]
-    return torch.cat(chunks).reshape(ids.shape)
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """``log p(tokens)`` under ``softmax(logits / temperature)``: ``[..., V]`` and ``[...]`` -> ``[...]``, float32.
-
-    Memory-efficient (gather + logsumexp, see :func:`support_logprobs`). Every entry of ``tokens``
-    must be a valid id, padding included (pad with any id and mask the result).
-    """
-    return support_logprobs(logits, tokens.unsqueeze(-1), temperature=temperature).squeeze(-1)
-
-
-def _log_softmax(logits: Tensor) -> Tensor:
-    return F.log_softmax(_upcast(logits), dim=-1)
-
-
-# --------------------------------------------------------------------------------------------------
 # Supervised NLL
 # --------------------------------------------------------------------------------------------------
 
@@ -156,7 +102,7 @@ def completion_nll(
     Metrics: ``nll`` (local token mean) and ``token_accuracy`` (argmax == target over masked tokens).
     """
     mask = mask.bool()
-    selected = _upcast(logits[mask])  # [N, V]
+    selected = upcast(logits[mask])  # [N, V]
     selected_targets = targets[mask]  # [N]
     nll_sum = F.cross_entropy(selected, selected_targets, reduction="sum")
     loss = _token_mean(nll_sum, mask, normalizer)
@@ -170,13 +116,6 @@ def completion_nll(
 # --------------------------------------------------------------------------------------------------
 # Full-vocabulary divergences
 # --------------------------------------------------------------------------------------------------
-
-
-def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
-    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token, from log-probs ``[..., V]``."""
-    # Written as p * (log p - log q) rather than sum(p log p) - sum(p log q): the difference is
-    # exactly 0 for identical inputs and suffers no cancellation when the two are close.
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def _log_mixture_ratio(d: Tensor, w: float) -> Tensor:
@@ -211,7 +150,7 @@ def forward_kl(
     distillation; GKD ``beta = 0``). Normalisation: ``normalizer`` (default local ``mask.sum()``),
     see :func:`masked_mean`. Metrics: ``forward_kl``.
     """
-    per_token = kl_divergence(_log_softmax(teacher_logits), _log_softmax(student_logits))
+    per_token = kl_divergence(log_softmax(teacher_logits), log_softmax(student_logits))
     return masked_mean(per_token, mask, normalizer), {"forward_kl": _local_mean(per_token, mask)}
 
 
@@ -224,7 +163,7 @@ def reverse_kl(
     ignores (MiniLLM, Gu et al. 2024; on-policy distillation, Agarwal et al. 2024). Normalisation:
     ``normalizer`` (default local ``mask.sum()``), see :func:`masked_mean`. Metrics: ``reverse_kl``.
     """
-    per_token = kl_divergence(_log_softmax(student_logits), _log_softmax(teacher_logits))
+    per_token = kl_divergence(log_softmax(student_logits), log_softmax(teacher_logits))
     return masked_mean(per_token, mask, normalizer), {"reverse_kl": _local_mean(per_token, mask)}
 
 
@@ -256,7 +195,7 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    logp_s, logp_t = _log_softmax(student_logits), _log_softmax(teacher_logits)
+    logp_s, logp_t = log_softmax(student_logits), log_softmax(teacher_logits)
     if beta == 0.0:
         per_token = kl_divergence(logp_t, logp_s)
     elif beta == 1.0:
@@ -291,7 +230,7 @@ def skew_kl(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    logp_s, logp_t = _log_softmax(student_logits), _log_softmax(teacher_logits)
+    logp_s, logp_t = log_softmax(student_logits), log_softmax(teacher_logits)
     if reverse:
         per_token, name = _kl_to_mixture(logp_s, logp_t, alpha), "skew_reverse_kl"
     else:
@@ -302,47 +241,6 @@ def skew_kl(
 # --------------------------------------------------------------------------------------------------
 # Top-k reverse KL
 # --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def topk_support(
-    student_logits: Tensor | None = None,
-    teacher_logits: Tensor | None = None,
-    *,
-    k: int,
-    source: Literal["teacher", "student", "union"] = "teacher",
-) -> tuple[Tensor, Tensor]:
-    """Token ids on which :func:`topk_reverse_kl` compares the two distributions.
-
-    ``source="teacher"`` / ``"student"``: that model's top-k ids, ``[B, T, k]``, all valid.
-    ``source="union"``: ``[B, T, 2k]``, the teacher's top-k followed by the student's top-k, where a
-    student id already among the teacher's is marked invalid so that each id counts once.
-    ``k`` is capped at the vocabulary size. Returns ``(ids, valid)``.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    needed = {
-        "teacher": [teacher_logits],
-        "student": [student_logits],
-        "union": [teacher_logits, student_logits],
-    }
-    if source not in needed:
-        raise ValueError(f"source must be 'teacher', 'student' or 'union', got {source!r}")
-    if any(logits is None for logits in needed[source]):
-        raise ValueError(
-            f"source={source!r} needs {'both logits' if source == 'union' else source + '_logits'}"
-        )
-    top_ids = [logits.topk(min(k, logits.shape[-1]), dim=-1).indices for logits in needed[source]]
-    if source != "union":
-        return top_ids[0], torch.ones_like(top_ids[0], dtype=torch.bool)
-    teacher_ids, student_ids = top_ids
-    # O(k log k) dedup: look each student id up in the sorted teacher ids.
-    sorted_teacher = teacher_ids.sort(dim=-1).values.contiguous()
-    pos = torch.searchsorted(sorted_teacher, student_ids.contiguous()).clamp(max=sorted_teacher.shape[-1] - 1)
-    duplicate = sorted_teacher.gather(-1, pos) == student_ids
-    ids = torch.cat([teacher_ids, student_ids], dim=-1)
-    valid = torch.cat([torch.ones_like(teacher_ids, dtype=torch.bool), ~duplicate], dim=-1)
-    return ids, valid
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -378,13 +276,13 @@ def topk_reverse_kl(
 
     By the data-processing inequality this lower-bounds the full :func:`reverse_kl`, with equality
     when the support is the whole vocabulary. The teacher arrives already gathered
-    (``teacher_logprobs[b, t, i] = log p_T(support_ids[b, t, i])``, from :func:`support_logprobs`),
-    so its full logits can be freed per micro-batch; the student side uses its full logits, so the
-    gradient also reaches the ids in the tail.
+    (``teacher_logprobs[b, t, i] = log p_T(support_ids[b, t, i])``, from
+    :func:`opd_lightning.ops.support_logprobs`), so its full logits can be freed per micro-batch; the
+    student side uses its full logits, so the gradient also reaches the ids in the tail.
 
     Shapes: ``student_logits [B, T, V]``; ``teacher_logprobs``, ``support_ids`` and ``support_valid``
-    ``[B, T, K]``. Entries with ``support_valid`` False (duplicates of :func:`topk_support` "union")
-    are ignored, whatever teacher value they hold.
+    ``[B, T, K]``. Entries with ``support_valid`` False (duplicates of
+    :func:`opd_lightning.ops.topk_support` "union") are ignored, whatever teacher value they hold.
 
     Normalisation: ``normalizer`` (default local ``mask.sum()``), see :func:`masked_mean`.
     Metrics: ``reverse_kl`` and the local token means ``student_tail_mass``, ``teacher_tail_mass``.
@@ -392,7 +290,7 @@ def topk_reverse_kl(
     valid = torch.ones_like(support_ids, dtype=torch.bool) if support_valid is None else support_valid.bool()
     student_lp = support_logprobs(student_logits, support_ids)  # [B, T, K]
     # Invalid entries and padded tokens may hold -inf or garbage; zero them before any arithmetic.
-    teacher_lp = torch.where(valid & mask.bool().unsqueeze(-1), _upcast(teacher_logprobs), 0.0)
+    teacher_lp = torch.where(valid & mask.bool().unsqueeze(-1), upcast(teacher_logprobs), 0.0)
     student_tail, teacher_tail = _log_tail(student_lp, valid), _log_tail(teacher_lp, valid)
     buckets = torch.where(valid, student_lp.exp() * (student_lp - teacher_lp), 0.0).sum(-1)
     per_token = buckets + student_tail.exp() * (student_tail - teacher_tail)
@@ -432,7 +330,7 @@ def sampled_reverse_kl(
     """
     # Zeroed at padding, where the inputs may be -inf fills: exp would overflow there and torch.where
     # would turn the unused inf into a nan gradient.
-    log_ratio = torch.where(mask.bool(), _upcast(student_logp) - _upcast(teacher_logp), 0.0)  # -log r
+    log_ratio = torch.where(mask.bool(), upcast(student_logp) - upcast(teacher_logp), 0.0)  # -log r
     estimates = {"k1": log_ratio, "k3": torch.expm1(-log_ratio) + log_ratio}
     if estimator not in estimates:
         raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
@@ -458,7 +356,7 @@ def distillation_advantages(
     Zero wherever ``mask`` is False. Feed to :func:`policy_gradient_loss`.
     """
     mask = mask.bool()
-    rewards = torch.where(mask, -coef * (_upcast(student_logp) - _upcast(teacher_logp)), 0.0)
+    rewards = torch.where(mask, -coef * (upcast(student_logp) - upcast(teacher_logp)), 0.0)
     if discount == 0.0:
         return rewards
     if discount == 1.0:
@@ -486,13 +384,13 @@ def _clipped_surrogate(
     clip_eps_high: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token PPO loss ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``; also ``r`` and "clipped"."""
-    advantages = _upcast(advantages).detach()
+    advantages = upcast(advantages).detach()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # one advantage per sequence
     # Padding is zeroed first: -inf / nan fills there would otherwise leak nan into the gradient
     # through torch.where's unused branch.
     mask = mask.bool()
-    log_ratio = torch.where(mask, _upcast(logp) - _upcast(behaviour_logp).detach(), 0.0)
+    log_ratio = torch.where(mask, upcast(logp) - upcast(behaviour_logp).detach(), 0.0)
     advantages = torch.where(mask, advantages, 0.0)
     # Bounding the log-ratio keeps exp finite when the behaviour log-probs come from another engine
     # and disagree wildly on a rare token (verl clamps at the same +-20).
@@ -559,7 +457,7 @@ def group_advantages(
     """
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = _upcast(rewards).reshape(-1, group_size)
+    grouped = upcast(rewards).reshape(-1, group_size)
     mean = grouped.mean(-1, keepdim=True)
     std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     zero_std = torch.isclose(std, torch.zeros_like(std))
@@ -581,7 +479,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
     ``exp(ref - logp) - (ref - logp) - 1``, elementwise, never negative (Schulman 2020).
     """
-    delta = _upcast(ref_logp) - _upcast(logp)
+    delta = upcast(ref_logp) - upcast(logp)
     return torch.expm1(delta) - delta
 
 
@@ -634,7 +532,7 @@ def grpo_loss(
     metrics = _surrogate_metrics(per_token, ratio, is_clipped, mask)
     if ref_logp is not None:
         # ref = logp at padding: k3 is 0 there, whatever fill the reference log-probs carry.
-        kl = kl_k3(logp, torch.where(mask, _upcast(ref_logp).detach(), _upcast(logp).detach()))
+        kl = kl_k3(logp, torch.where(mask, upcast(ref_logp).detach(), upcast(logp).detach()))
         metrics["kl"] = _local_mean(kl, mask)
         if kl_coef != 0.0:
             per_token = per_token + kl_coef * kl

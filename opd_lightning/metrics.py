@@ -2,8 +2,10 @@
 
 Per-token functions take aligned logits ``[B, T, V]`` (see :mod:`opd_lightning.losses`), run
 without autograd in at least float32, and return ``[B, T]`` tensors; reduce them with
-:func:`opd_lightning.losses.masked_mean`. :class:`DomainMean` accumulates any per-sample value by
-domain (or by teacher) across steps and processes.
+:func:`opd_lightning.losses.masked_mean`. :func:`distillation_stats` gathers the ones a student /
+teacher pair is monitored by (teacher scoring computes them while the teacher's logits are at hand).
+:class:`DomainMean` accumulates any per-sample value by domain (or by teacher) across steps and
+processes.
 """
 
 from __future__ import annotations
@@ -11,17 +13,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from opd_lightning.losses import kl_divergence
+from opd_lightning.ops import kl_divergence, log_softmax, upcast
 
-__all__ = ["DomainMean", "token_entropy", "topk_overlap"]
+__all__ = [
+    "DISTILLATION_STATS",
+    "DomainMean",
+    "distillation_stats",
+    "token_entropy",
+    "token_kl",
+    "topk_overlap",
+]
 
-
-def _upcast(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+DISTILLATION_STATS = (
+    "reverse_kl",
+    "student_entropy",
+    "teacher_entropy",
+    "topk_overlap",
+    "student_shared_mass",
+    "teacher_shared_mass",
+)
+"""Keys of :func:`distillation_stats`, in logging order."""
 
 
 @torch.no_grad()
@@ -31,32 +45,32 @@ def token_entropy(logits: Tensor) -> Tensor:
     A falling entropy on the student's own samples is the usual sign of collapse in RL fine-tuning
     (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs").
     """
-    logp = F.log_softmax(_upcast(logits), dim=-1)
+    logp = log_softmax(logits)
     return -(logp.exp() * logp).sum(-1)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def token_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """Exact ``KL(p || q)`` per token over the full vocabulary, ``[..., V] -> [...]`` (monitoring; no grad).
 
     With the student as ``p`` this is the per-token reverse KL that OPD minimises."""
-    return kl_divergence(_upcast(p_logits).log_softmax(-1), _upcast(q_logits).log_softmax(-1))
+    return kl_divergence(log_softmax(p_logits), log_softmax(q_logits))
 
 
+@torch.no_grad()
 def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> dict[str, Tensor]:
     """How much the student's and the teacher's top-k next tokens agree, per token.
 
     With ``S``, ``T`` the two top-k id sets (``k`` capped at the vocabulary size), returns ``[B, T]``
     tensors: ``overlap = |S & T| / k``, ``student_shared_mass = p_S(S & T)`` and
     ``teacher_shared_mass = p_T(S & T)``. Shared mass near 1 on both sides means a top-k support
-    (:func:`opd_lightning.losses.topk_support`) loses little of either distribution. Membership is
+    (:func:`opd_lightning.ops.topk_support`) loses little of either distribution. Membership is
     an ``[B, T, k, k]`` comparison, so keep ``k`` modest (<= a few hundred).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, student_logits.shape[-1])
-    student_logits, teacher_logits = _upcast(student_logits), _upcast(teacher_logits)
+    student_logits, teacher_logits = upcast(student_logits), upcast(teacher_logits)
     student_ids = student_logits.topk(k, dim=-1).indices  # [B, T, k]
     teacher_ids = teacher_logits.topk(k, dim=-1).indices
     shared = (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(-1)  # [B, T, k] over student ids
@@ -70,6 +84,29 @@ def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> dict
         "student_shared_mass": mass_on_shared(student_logits),
         "teacher_shared_mass": mass_on_shared(teacher_logits),
     }
+
+
+@torch.no_grad()
+def distillation_stats(
+    student_logits: Tensor, teacher_logits: Tensor, overlap_k: int = 8
+) -> dict[str, Tensor]:
+    """Per-token diagnostics of a student / teacher pair: ``[B, T, V]`` twice -> ``{name: [B, T]}`` float32.
+
+    Keys (:data:`DISTILLATION_STATS`): ``reverse_kl`` (exact ``KL(p_S || p_T)``, full vocabulary, so a top-k
+    loss can monitor the exact KL), ``student_entropy``, ``teacher_entropy``, and :func:`topk_overlap`'s
+    ``topk_overlap``, ``student_shared_mass``, ``teacher_shared_mass`` at ``k = overlap_k``. Unmasked:
+    reduce with the completion mask.
+    """
+    overlap = topk_overlap(student_logits, teacher_logits, overlap_k)
+    stats = {
+        "reverse_kl": token_kl(student_logits, teacher_logits),
+        "student_entropy": token_entropy(student_logits),
+        "teacher_entropy": token_entropy(teacher_logits),
+        "topk_overlap": overlap["overlap"],
+        "student_shared_mass": overlap["student_shared_mass"],
+        "teacher_shared_mass": overlap["teacher_shared_mass"],
+    }
+    return {name: stats[name].float() for name in DISTILLATION_STATS}
 
 
 class DomainMean(Metric):

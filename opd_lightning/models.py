@@ -87,27 +87,87 @@ def load_causal_lm(
 
 def load_frozen(path: str | os.PathLike, *, dtype: torch.dtype | str, field: str,
                 trust_remote_code: bool = False) -> torch.nn.Module:
-    """A teacher or reference model: eval mode (no dropout), no gradients, in the policy's dtype."""
+    """A teacher or reference model: eval mode (no dropout), no gradients, in the policy's dtype.
+
+    The model keeps the YAML ``field`` it came from as ``yaml_field``, so checks that can only run once it is
+    loaded (its context length, at fit start) name the field to fix."""
     model = load_causal_lm(check_local_path(path, field), dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.requires_grad_(False)
+    model.yaml_field = field
     return model
 
 
-def check_same_tokenizer(reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str) -> None:
-    """Distillation compares distributions token by token, so the vocabularies must be identical."""
+def stop_token_ids(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+    """The ids that end a sample of ``model``: ``eos_token_id`` (the tokenizer's EOS, or ids gathered already)
+    and every ``generation_config.eos_token_id`` of the model, in that order, without repeats.
+
+    They differ in real checkpoints: Qwen3-Base's tokenizer ends text with ``<|endoftext|>`` while its chat
+    turns end with ``<|im_end|>``, which only its generation config lists; sampling that stops at the
+    tokenizer's EOS alone runs every chat answer to ``max_new_tokens``.
+    """
+    config = model.generation_config  # None for models that cannot generate
+    ids = [*_as_list(eos_token_id), *_as_list(None if config is None else config.eos_token_id)]
+    return list(dict.fromkeys(ids))
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def _first_difference(mine: str, theirs: str, width: int = 30) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    theirs, mine = theirs[at : at + width], mine[at : at + width]
+    return f"first difference at character {at}: {theirs!r} vs the student's {mine!r}"
+
+
+def _tokenizer_differences(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> list[str]:
     problems = []
-    if len(reference) != len(other):
-        problems.append(f"vocabulary size {len(other)} != student's {len(reference)}")
-    elif reference.get_vocab() != other.get_vocab():
-        problems.append("same vocabulary size but different token ids")
-    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        if getattr(reference, attr) != getattr(other, attr):
-            problems.append(f"{attr} {getattr(other, attr)} != student's {getattr(reference, attr)}")
+    if len(student) != len(other):
+        problems.append(f"vocabulary size {len(other)} vs the student's {len(student)}")
+    else:
+        mine, theirs = student.get_vocab(), other.get_vocab()
+        moved = sorted(t for t in mine.keys() | theirs.keys() if mine.get(t) != theirs.get(t))
+        if moved:
+            problems.append(f"{len(moved)} token(s) with other ids, e.g. {moved[:3]}")
+    for role in ("eos", "bos", "pad", "unk"):
+        mine, theirs = getattr(student, f"{role}_token"), getattr(other, f"{role}_token")
+        if mine != theirs:
+            other_id, student_id = getattr(other, f"{role}_token_id"), getattr(student, f"{role}_token_id")
+            problems.append(f"{role}_token {theirs!r} (id {other_id}) vs the student's {mine!r} (id {student_id})")
+
+    def special(tok) -> set[str]:  # what decoding with skip_special_tokens drops
+        return {t.content for t in tok.added_tokens_decoder.values() if t.special}
+
+    only_other, only_student = special(other) - special(student), special(student) - special(other)
+    if only_other or only_student:
+        problems.append(
+            f"special tokens only in this model's: {sorted(only_other)}, "
+            f"only in the student's: {sorted(only_student)}"
+        )
+    mine, theirs = student.chat_template, other.chat_template
+    if mine != theirs:
+        if mine is None or theirs is None:
+            problems.append(f"chat template: {'this model' if theirs is None else 'the student'} has none")
+        else:
+            problems.append(f"chat template ({_first_difference(str(mine), str(theirs))})")
+    return problems
+
+
+def check_same_tokenizer(
+    reference: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str
+) -> None:
+    """A teacher or reference must read and write text exactly as the student: same vocabulary and ids, same
+    special tokens (EOS, BOS, pad, unk, and which tokens decoding drops), same chat template. Token-level
+    distillation compares distributions id by id, on prompts rendered once with the student's template."""
+    problems = _tokenizer_differences(reference, other)
     if problems:
         raise ValueError(
-            f"{name}: tokenizer does not match the student's ({'; '.join(problems)}). Token-level distillation "
-            "needs one shared tokenizer: use a teacher from the same model family, or re-tokenize."
+            f"{name}: tokenizer does not match the student's: {'; '.join(problems)}.\n"
+            "Token-level distillation compares next-token distributions id by id, on prompts rendered with "
+            "the student's chat template, so both models need one tokenizer and one template. Use a model of "
+            "the student's tokenizer family (the same tokenizer files); across tokenizers, distil through "
+            "text instead: SFT the student on the teacher's samples (ColdStart) or sequence-level KD."
         )
 
 

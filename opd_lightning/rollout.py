@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from opd_lightning.losses import token_logprobs
+from opd_lightning.ops import token_logprobs
 
 __all__ = ["Rollout", "SamplingConfig", "completion_logits", "completion_logprobs", "generate"]
 

@@ -1,20 +1,23 @@
 """Routing each sample to its domain's teacher, and scoring rollouts under the routed teachers.
 
-A :class:`TeacherPool` holds the frozen teachers of a multi-expert stage and the ``domain -> teacher`` routes
-(MiMo's multi-teacher OPD, DeepSeek-V4's domain experts). MultiExpertOPD scores the student's samples with
-it; ColdStart samples from it (:meth:`TeacherPool.generate`, the routed teacher answers each prompt).
+:class:`TeacherRoutes` says which teacher takes which sample: the YAML mapping ``domain -> teacher folder``,
+with ``default`` catching domains with no entry (untagged or OOD prompts). :class:`TeacherPool` adds the
+frozen teachers themselves (MiMo's multi-teacher OPD, DeepSeek-V4's domain experts). MultiExpertOPD scores
+the student's samples with it; ColdStart samples from it (:meth:`TeacherPool.generate`, the routed teacher
+answers each prompt). A stage wires it in three calls: :meth:`TeacherPool.for_student` in ``__init__``,
+:meth:`TeacherPool.load` in ``configure_model`` and :meth:`TeacherRoutes.check_domains` in ``setup``.
 
 Mechanics, in the order a batch meets them:
 
-* **Routes** come from a YAML mapping ``domain -> teacher folder``; the key ``default`` catches domains with
-  no entry (untagged or OOD prompts). Folders shared by several domains load once, under one name
-  (``"math+code"``). :meth:`check_domains` compares the routes with the data's domains at start-up.
+* **Routes.** Folders shared by several domains load once, under one name (``"math+code"``); names are
+  unique ModuleDict keys and log tags. :meth:`TeacherRoutes.check_domains` compares the routes with the
+  data's domains at start-up.
 * **Scoring** (:meth:`TeacherPool.score`) runs each teacher only on the rows routed to it, one
   teacher-forced forward per micro-batch, under ``no_grad``. It returns the teacher log-probs of the sampled
   tokens and, as the loss needs them, either the full teacher logits of the completion positions or only a
   top-k support (O(k) per token); each micro-batch's logits are freed before the next. Given the student's
-  logits it also computes per-token diagnostics (exact full-vocabulary reverse KL, entropies, top-k overlap)
-  while the full teacher logits are still at hand, so top-k mode can monitor the exact KL for free.
+  logits it also returns :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL, entropies, top-k
+  overlap), computed while the full teacher logits are still at hand, so top-k mode monitors the exact KL.
 * Teachers stay in eval mode whatever ``.train()`` says, and never hold gradients (``load_frozen``).
 """
 
@@ -32,12 +35,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from opd_lightning.losses import support_logprobs, token_logprobs, topk_support
-from opd_lightning.metrics import token_entropy, token_kl, topk_overlap
-from opd_lightning.models import check_local_path, check_same_tokenizer, load_frozen, load_tokenizer
+from opd_lightning.metrics import distillation_stats
+from opd_lightning.models import (
+    check_local_path,
+    check_same_tokenizer,
+    load_frozen,
+    load_tokenizer,
+    stop_token_ids,
+)
+from opd_lightning.ops import support_logprobs, token_logprobs, topk_support
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
 
-__all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherScores"]
+__all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherRoutes", "TeacherScores"]
 
 DEFAULT_ROUTE = "default"
 """Key of the teacher that takes every domain without a route of its own."""
@@ -50,29 +59,30 @@ class TeacherScores:
     teacher: list[str]  # [N] name of the teacher each row was routed to
     logprobs: Tensor  # [N, C] float32 log p_T(sampled token), 0 where the completion mask is False
     logits: Tensor | None = None  # [N, C, V] teacher logits at completion positions (full mode)
-    support_ids: Tensor | None = None  # [N, C, K] top-k support (top-k mode), from losses.topk_support
+    support_ids: Tensor | None = None  # [N, C, K] top-k support (top-k mode), from ops.topk_support
     support_logprobs: Tensor | None = None  # [N, C, K] float32 log p_T at support_ids
     support_valid: Tensor | None = None  # [N, C, K] bool, False for duplicate ids of a "union" support
     stats: dict[str, Tensor] = field(default_factory=dict)
-    """Per-token diagnostics ``[N, C]`` float32 (only when the student's logits were given): ``reverse_kl``
-    (exact, full vocabulary), ``student_entropy``, ``teacher_entropy``, ``topk_overlap``,
-    ``student_shared_mass``, ``teacher_shared_mass`` (``metrics.topk_overlap``). Unmasked: reduce with
-    the completion mask."""
+    """Per-token diagnostics ``[N, C]`` float32 of :func:`opd_lightning.metrics.distillation_stats` (only when
+    the student's logits were given). Unmasked: reduce with the completion mask."""
     seconds: dict[str, float] = field(default_factory=dict)  # teacher -> wall time of its forwards
     tokens: dict[str, int] = field(default_factory=dict)  # teacher -> completion tokens it scored
 
 
-def _safe_name(domains: Sequence[str]) -> str:
+def _safe_name(domains: Sequence[str], taken: set[str]) -> str:
     # ModuleDict keys may not contain "." nor shadow a ModuleDict attribute; "/" would nest log tags.
     name = re.sub(r"[^0-9A-Za-z_+-]", "_", "+".join(domains))
-    return f"{name}_teacher" if hasattr(nn.ModuleDict, name) else name
+    name = f"{name}_teacher" if hasattr(nn.ModuleDict, name) else name
+    # Sanitising is not one-to-one ("a.b" and "a_b" both give "a_b"): a repeated name would make one
+    # teacher silently replace the other, so later folders get a numbered suffix.
+    unique, n = name, 2
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    return unique
 
 
-class TeacherPool(nn.Module):
-    """Frozen teachers (a ``ModuleDict`` keyed by a safe name) and the ``domain -> teacher`` routes.
-
-    Construction is cheap: it checks the folders exist and groups domains that share one, but loads no
-    weights; :meth:`load` (called from the stage's ``configure_model``) does, once per folder.
+class TeacherRoutes:
+    """The ``domain -> teacher`` routes: which teacher (one per distinct folder) takes which sample.
 
     Args:
         routes: ``domain -> local teacher folder``; the key ``"default"`` takes unrouted domains.
@@ -80,7 +90,6 @@ class TeacherPool(nn.Module):
     """
 
     def __init__(self, routes: Mapping[str, str | os.PathLike], field: str = "model.init_args.teachers"):
-        super().__init__()
         if not routes:
             raise ValueError(
                 f"{field} is empty: map each data domain to a teacher folder (`math: path/to/hf`)"
@@ -96,24 +105,14 @@ class TeacherPool(nn.Module):
         self.fields: dict[str, str] = {}  # teacher name -> the YAML field that names it first
         self.routes: dict[str, str] = {}  # domain -> teacher name
         for folder, domains in by_folder.items():
-            name = _safe_name(domains)
+            name = _safe_name(domains, set(self.paths))
             self.paths[name], self.fields[name] = folder, f"{field}.{domains[0]}"
             self.routes.update(dict.fromkeys(domains, name))
-        self.models = nn.ModuleDict()
 
     @property
     def names(self) -> list[str]:
         """Teacher names, one per distinct folder, in the order of the YAML mapping."""
         return list(self.paths)
-
-    # ------------------------------------------------------------------------------------ start-up checks
-
-    def check_tokenizers(self, tokenizer, *, trust_remote_code: bool = False) -> None:
-        """Each teacher's tokenizer must equal the student's (vocabulary and special tokens): token-level
-        distillation compares distributions id by id. Reads tokenizer files only, no weights."""
-        for name, path in self.paths.items():
-            other = load_tokenizer(path, trust_remote_code=trust_remote_code)
-            check_same_tokenizer(tokenizer, other, self.fields[name])
 
     def check_domains(self, domains: Sequence[str], data_field: str = "data.tasks") -> None:
         """Every data domain needs a route (its own or ``default``); fail at start-up, before any training."""
@@ -128,23 +127,6 @@ class TeacherPool(nn.Module):
         unused = sorted(d for d in self.routes if d != DEFAULT_ROUTE and d not in set(domains))
         if unused:
             rank_zero_warn(f"{self.field} routes domain(s) {unused} that no task in {data_field} has")
-
-    # ------------------------------------------------------------------------------------------ building
-
-    def load(self, *, dtype: torch.dtype | str, trust_remote_code: bool = False) -> None:
-        """Load every teacher (eval, no grad, in ``dtype``); idempotent, like Lightning's ``configure_model``."""
-        for name, path in self.paths.items():
-            if name not in self.models:
-                self.models[name] = load_frozen(
-                    path, dtype=dtype, field=self.fields[name], trust_remote_code=trust_remote_code
-                )
-
-    def train(self, mode: bool = True) -> TeacherPool:
-        # Lightning calls .train() on the whole LightningModule at fit start: teachers must stay frozen
-        # references (no dropout), whatever the student does.
-        return super().train(False)
-
-    # ------------------------------------------------------------------------------------------- routing
 
     def route(self, domains: Sequence[str]) -> list[str]:
         """The teacher name for each domain tag (``[N]`` -> ``[N]``); ``default`` takes unrouted ones."""
@@ -166,6 +148,57 @@ class TeacherPool(nn.Module):
             if idx:
                 out[name] = torch.tensor(idx, dtype=torch.long, device=device)
         return out
+
+
+class TeacherPool(TeacherRoutes, nn.Module):
+    """The routed teachers themselves: :class:`TeacherRoutes` plus a ``ModuleDict`` of frozen models keyed by
+    teacher name, scored (:meth:`score`) or sampled (:meth:`generate`) row by routed row.
+
+    Construction is cheap: it checks the folders exist and groups domains that share one, but loads no
+    weights; :meth:`load` (called from the stage's ``configure_model``) does, once per folder.
+    """
+
+    def __init__(self, routes: Mapping[str, str | os.PathLike], field: str = "model.init_args.teachers"):
+        nn.Module.__init__(self)
+        TeacherRoutes.__init__(self, routes, field)
+        self.models = nn.ModuleDict()
+
+    @classmethod
+    def for_student(
+        cls,
+        routes: Mapping[str, str | os.PathLike],
+        tokenizer,
+        *,
+        trust_remote_code: bool = False,
+        field: str = "model.init_args.teachers",
+    ) -> TeacherPool:
+        """The pool a stage builds in ``__init__``: folders checked, every teacher's tokenizer and chat
+        template equal to the student's ``tokenizer`` (tokenizer files only, no weights), so a bad teacher
+        fails before anything loads. Then ``pool.load(...)`` in ``configure_model`` and
+        ``pool.check_domains(...)`` in ``setup``."""
+        pool = cls(routes, field=field)
+        pool.check_tokenizers(tokenizer, trust_remote_code=trust_remote_code)
+        return pool
+
+    def check_tokenizers(self, tokenizer, *, trust_remote_code: bool = False) -> None:
+        """Each teacher's tokenizer must equal the student's (vocabulary, special tokens, chat template):
+        token-level distillation compares distributions id by id. Reads tokenizer files only, no weights."""
+        for name, path in self.paths.items():
+            other = load_tokenizer(path, trust_remote_code=trust_remote_code)
+            check_same_tokenizer(tokenizer, other, self.fields[name])
+
+    def load(self, *, dtype: torch.dtype | str, trust_remote_code: bool = False) -> None:
+        """Load every teacher (eval, no grad, in ``dtype``); idempotent, like Lightning's ``configure_model``."""
+        for name, path in self.paths.items():
+            if name not in self.models:
+                self.models[name] = load_frozen(
+                    path, dtype=dtype, field=self.fields[name], trust_remote_code=trust_remote_code
+                )
+
+    def train(self, mode: bool = True) -> TeacherPool:
+        # Lightning calls .train() on the whole LightningModule at fit start: teachers must stay frozen
+        # references (no dropout), whatever the student does.
+        return super().train(False)
 
     # ------------------------------------------------------------------------------------------- scoring
 
@@ -191,10 +224,10 @@ class TeacherPool(nn.Module):
             student_logits: the student's completion logits ``[N, C, V]`` (detached), aligned with the
                 rollout. Needed for ``top_k_from`` "student" / "union" and for the diagnostics in ``stats``.
             keep_logits: return the full teacher logits ``[N, C, V]`` (full-vocabulary losses).
-            top_k: return a top-k support instead (``losses.topk_support`` + ``support_logprobs``), O(k)
+            top_k: return a top-k support instead (``ops.topk_support`` + ``ops.support_logprobs``), O(k)
                 per token; ``None`` for none.
             top_k_from: whose top-k ids make the support.
-            overlap_k: k of the top-k overlap diagnostic.
+            overlap_k: k of the top-k overlap diagnostic (:func:`opd_lightning.metrics.distillation_stats`).
             micro_batch_size: rows per teacher forward; bounds the teacher's activation and logit memory.
         """
         n, c = rollout.completion_ids.shape
@@ -227,13 +260,8 @@ class TeacherPool(nn.Module):
                     put(outputs, "support_valid", chunk, valid)
                     put(outputs, "support_logprobs", chunk, support_logprobs(logits, ids).float())
                 if student is not None:
-                    overlap = topk_overlap(student, logits, overlap_k)
-                    put(stats, "reverse_kl", chunk, token_kl(student, logits))
-                    put(stats, "student_entropy", chunk, token_entropy(student).float())
-                    put(stats, "teacher_entropy", chunk, token_entropy(logits).float())
-                    put(stats, "topk_overlap", chunk, overlap["overlap"].float())
-                    put(stats, "student_shared_mass", chunk, overlap["student_shared_mass"].float())
-                    put(stats, "teacher_shared_mass", chunk, overlap["teacher_shared_mass"].float())
+                    for key, value in distillation_stats(student, logits, overlap_k).items():
+                        put(stats, key, chunk, value)
                 del logits  # the next micro-batch's forward may reuse this memory
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # kernels are asynchronous: time the work, not the launch
@@ -267,20 +295,23 @@ class TeacherPool(nn.Module):
 
         For GKD's off-policy share (Agarwal et al. 2024) and ColdStart's teacher rollouts. Each teacher
         samples only its prompts; rows are padded to the longest completion of the batch. The behaviour
-        log-probs are the teachers'. Teachers are plain (unsharded) modules on every rank, so no rank
-        lockstep is needed here: ``config.sync_ranks`` is ignored.
+        log-probs are the teachers'. A teacher's sample ends at ``eos_token_id`` (the stage's stop ids) or
+        at any EOS id of that teacher's own generation config (:func:`opd_lightning.models.stop_token_ids`).
+        Teachers are plain (unsharded) modules on every rank, so no rank lockstep is needed here:
+        ``config.sync_ranks`` is ignored.
         """
         g = config.num_samples
         if config.sync_ranks:
             config = SamplingConfig(**{**config.__dict__, "sync_ranks": False})
         parts = []
         for name, rows in self.rows(domains, prompt_ids.device).items():
+            model = self.models[name]
             part = generate(
-                self.models[name],
+                model,
                 prompt_ids[rows],
                 prompt_mask[rows],
                 config,
-                eos_token_id=eos_token_id,
+                eos_token_id=stop_token_ids(model, eos_token_id),
                 pad_token_id=pad_token_id,
                 domains=[domains[i] for i in rows.tolist()],
                 generator=generator,

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from opd_lightning import losses
 from opd_lightning.losses import (
     completion_nll,
     distillation_advantages,
@@ -22,11 +21,9 @@ from opd_lightning.losses import (
     reverse_kl,
     sampled_reverse_kl,
     skew_kl,
-    support_logprobs,
-    token_logprobs,
     topk_reverse_kl,
-    topk_support,
 )
+from opd_lightning.ops import support_logprobs, topk_support
 
 B, T, V = 3, 4, 7
 # Ragged: row 0 full, row 1 three tokens, row 2 one token. 8 tokens in all.
@@ -218,33 +215,8 @@ def test_topk_reverse_kl_matches_brute_force_bucketing(source):
     assert 0 < metrics["teacher_tail_mass"] < 1
 
 
-def test_topk_support_union_counts_each_id_once():
-    student, teacher = logits(0), logits(1)
-    ids, valid = topk_support(student, teacher, k=3, source="union")
-    assert ids.shape == valid.shape == (B, T, 6)
-    assert valid[..., :3].all()  # the teacher's top-k come first, all kept
-    for b in range(B):
-        for t in range(T):
-            expected = set(student[b, t].topk(3).indices.tolist()) | set(
-                teacher[b, t].topk(3).indices.tolist()
-            )
-            kept = ids[b, t][valid[b, t]].tolist()
-            assert sorted(kept) == sorted(expected)
-
-
-def test_topk_support_on_identical_logits_marks_every_student_id_duplicate():
-    student = logits(0)
-    ids, valid = topk_support(student, student, k=4, source="union")
-    assert valid[..., :4].all() and not valid[..., 4:].any()
-
-
-def test_topk_support_needs_the_logits_of_its_source():
-    with pytest.raises(ValueError, match="teacher_logits"):
-        topk_support(student_logits=logits(0), k=2)
-
-
 # --------------------------------------------------------------------------------------------------
-# NLL and log-probs
+# NLL
 # --------------------------------------------------------------------------------------------------
 
 
@@ -265,25 +237,6 @@ def test_completion_nll_matches_brute_force_and_ignores_padding_targets():
 def test_completion_nll_is_zero_on_an_empty_mask():
     loss, metrics = completion_nll(logits(0), torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T))
     assert loss.item() == 0.0 and metrics["token_accuracy"].item() == 0.0
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_equals_log_softmax_gather(temperature):
-    z, tokens = logits(0), torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
-    expected = torch.log_softmax(z / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    torch.testing.assert_close(token_logprobs(z, tokens, temperature=temperature), expected)
-
-
-def test_token_logprobs_upcasts_half_precision_in_chunks(monkeypatch):
-    monkeypatch.setattr(losses, "_UPCAST_CHUNK_ELEMENTS", 2 * V)  # two rows per chunk
-    z, tokens = (
-        logits(0, dtype=torch.bfloat16),
-        torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3)),
-    )
-    out = token_logprobs(z, tokens)
-    assert out.dtype == torch.float32
-    expected = torch.log_softmax(z.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd_0.3", "skew_kl", "topk_3"])

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from opd_lightning.metrics import DomainMean, token_entropy, topk_overlap
+from opd_lightning.metrics import (
+    DISTILLATION_STATS,
+    DomainMean,
+    distillation_stats,
+    token_entropy,
+    topk_overlap,
+)
 
 B, T, V = 2, 3, 9
 
@@ -38,6 +44,22 @@ def test_token_entropy_upcasts_half_precision_and_needs_no_grad():
     entropy = token_entropy(z)
     assert entropy.dtype == torch.float32 and not entropy.requires_grad
     torch.testing.assert_close(entropy, token_entropy(z.detach().float()))
+
+
+def test_distillation_stats_match_brute_force_and_come_back_in_float32():
+    student, teacher = logits(0), logits(1)
+    stats = distillation_stats(student, teacher, overlap_k=3)
+    assert tuple(stats) == DISTILLATION_STATS
+    assert all(v.dtype == torch.float32 and v.shape == (B, T) for v in stats.values())
+    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
+    brute_kl = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    torch.testing.assert_close(stats["reverse_kl"], brute_kl.float())
+    torch.testing.assert_close(stats["teacher_entropy"], token_entropy(teacher).float())
+    overlap = topk_overlap(student, teacher, 3)
+    torch.testing.assert_close(stats["topk_overlap"], overlap["overlap"].float())
+    torch.testing.assert_close(stats["teacher_shared_mass"], overlap["teacher_shared_mass"].float())
+    same = distillation_stats(teacher, teacher, overlap_k=3)
+    assert (same["reverse_kl"] == 0).all() and (same["topk_overlap"] == 1).all()
 
 
 @pytest.mark.parametrize("k", [1, 3, V])

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from opd_lightning.data import PromptDataModule, TaskSpec
-from opd_lightning.losses import masked_mean, token_logprobs
-from opd_lightning.models import load_tokenizer
+from opd_lightning.losses import masked_mean
+from opd_lightning.models import load_causal_lm, load_tokenizer
+from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
 from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss
 from opd_lightning.teachers import TeacherScores
@@ -103,6 +104,7 @@ def watch_teachers(module):
 def test_reverse_kl_to_each_routed_teacher_falls(tiny_dir, teachers, tmp_path):
     L.seed_everything(0)
     module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, loss="reverse_kl")
+    calls = watch_teachers(module)
     rec = Record()
     fit(module, data, 30, tmp_path, [rec])
     for teacher in ("math", "string"):
@@ -112,9 +114,12 @@ def test_reverse_kl_to_each_routed_teacher_falls(tiny_dir, teachers, tmp_path):
         assert last < 0.5 * first
     # the loss is the same exact reverse KL, as a DDP-invariant token mean
     assert rec.rows[0]["train/loss"] == pytest.approx(rec.rows[0]["train/full_reverse_kl"], rel=1e-4)
-    assert rec.rows[-1]["train/teacher/math/token_fraction"] + rec.rows[-1][
-        "train/teacher/string/token_fraction"
-    ] == (pytest.approx(1.0))
+    # each teacher's logged share is the share of the batch's completion tokens routed to it
+    rollout = calls[-1]["rollout"]
+    is_math = torch.tensor([d == "math" for d in rollout.domains])
+    math_share = rollout.completion_mask[is_math].sum() / rollout.completion_mask.sum()
+    assert 0 < math_share < 1
+    assert rec.rows[-1]["train/teacher/math/token_fraction"] == pytest.approx(float(math_share))
 
 
 def test_sampled_reverse_kl_makes_the_students_kl_fall(tiny_dir, teachers, tmp_path):
@@ -199,6 +204,64 @@ def test_off_policy_batches_are_sampled_by_the_routed_teachers(tiny_dir, teacher
     assert not any(k.startswith("train/accuracy/") for k in rec.rows[0]), (
         "teacher samples are not the student's"
     )
+
+
+# ------------------------------------------------------------------------------------------ ending samples
+
+
+def completion_texts(rollout, tokenizer) -> list[tuple[str, str]]:
+    """Each row's completion text, and the same without its last token."""
+    out = []
+    for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist(), strict=True):
+        out.append(tuple(tokenizer.decode(ids[:k], skip_special_tokens=True) for k in (n, n - 1)))
+    return out
+
+
+@pytest.mark.parametrize("off_policy_ratio", [0.0, 1.0], ids=["student-samples", "teacher-samples"])
+def test_a_stop_string_ends_each_sample_at_the_token_that_completes_it(tiny_dir, teachers, tmp_path, off_policy_ratio):
+    stop = "e"  # frequent in the tiny vocabulary: most rows of a random rollout meet it
+    module, data = make(
+        tiny_dir,
+        {"math": teachers[0], "string": teachers[1]},
+        sampling=SamplingConfig(max_new_tokens=8, stop_strings=(stop,)),
+        off_policy_ratio=off_policy_ratio,
+    )
+    calls = watch_teachers(module)
+    fit(module, data, 1, tmp_path)
+    rollout = calls[0]["rollout"]
+    hits = 0
+    for row, (text, before_last) in enumerate(completion_texts(rollout, module.tokenizer)):
+        if stop in text:
+            hits += 1
+            assert stop not in before_last, f"row {row} ran past its stop string: {text!r}"
+            assert not rollout.is_truncated[row]
+    assert hits >= 3, "too few rows met the stop string for this test to mean anything"
+
+
+def test_the_policys_generation_config_eos_ends_its_samples(tiny_dir, teachers, tmp_path):
+    module, data = make(tiny_dir, {"default": teachers[0]})
+    module.configure_model()
+    module.trainer = cpu_trainer(tmp_path, 1)
+    data.setup("fit")
+    batch = data.collate_prompts(data.train_pools["basic_arithmetic"][:4])
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    free = module.sample(module.policy, batch, greedy)
+    assert free.completion_lengths[0] == 8, "row 0 must not stop by itself for this test"
+    stop = int(free.completion_ids[0, 3])
+    # a chat checkpoint whose turns end in a token that is not the tokenizer's EOS (Qwen3-Base: <|im_end|>)
+    chat = shutil.copytree(tiny_dir, tmp_path / "chat-student")
+    policy = load_causal_lm(chat)
+    policy.generation_config.eos_token_id = [module.tokenizer.eos_token_id, stop]
+    policy.save_pretrained(chat)
+    module, _ = make(chat, {"default": teachers[0]})
+    module.configure_model()
+    module.trainer = cpu_trainer(tmp_path, 1)
+    stopped = module.sample(module.policy, batch, greedy)
+    first = free.completion_ids[0].tolist().index(stop)
+    length = int(stopped.completion_lengths[0])
+    assert stopped.completion_ids[0, :length].tolist() == free.completion_ids[0, : first + 1].tolist()
+    assert not stopped.is_truncated[0]
+    assert module.eos_token_ids == [module.tokenizer.eos_token_id, stop]
 
 
 # --------------------------------------------------------------------------------------------------- losses

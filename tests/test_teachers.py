@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from opd_lightning.losses import support_logprobs
 from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
+from opd_lightning.ops import support_logprobs
 from opd_lightning.rollout import SamplingConfig, completion_logits, completion_logprobs, generate
 from opd_lightning.teachers import TeacherPool
 
@@ -195,3 +197,48 @@ def test_teacher_sampling_gives_each_prompt_its_routed_teachers_completion(teach
         torch.testing.assert_close(mixed.logprobs[out_rows, :c], alone.logprobs)
     # the behaviour log-probs are the teachers': scoring the samples reproduces them
     torch.testing.assert_close(pool.score(mixed).logprobs, mixed.logprobs, rtol=0, atol=1e-4)
+
+
+def test_domains_whose_safe_names_collide_keep_their_own_teachers(teachers, rollout):
+    a, b = teachers
+    # "a.b" and "a_b" both sanitise to "a_b": one ModuleDict key would let b replace a for both domains
+    pool = loaded_pool({"a.b": a, "a_b": b})
+    assert pool.names == ["a_b", "a_b_2"]
+    assert pool.route(["a.b", "a_b"]) == ["a_b", "a_b_2"]
+    assert len(pool.models) == 2
+    renamed = dataclasses.replace(rollout, domains=["a.b", "a_b"] * 3)
+    with torch.no_grad():
+        under_a = completion_logprobs(load_causal_lm(a).eval(), rollout)
+        under_b = completion_logprobs(load_causal_lm(b).eval(), rollout)
+    expected = torch.where(torch.tensor([d == "a_b" for d in renamed.domains])[:, None], under_b, under_a)
+    torch.testing.assert_close(pool.score(renamed).logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_a_suffixed_name_does_not_take_the_name_of_a_later_domain(teachers, tmp_path):
+    a, b = teachers
+    c = make_teacher(Path(a), tmp_path / "c", seed=3)
+    pool = TeacherPool({"x.y": a, "x_y": b, "x_y_2": c})
+    assert pool.names == ["x_y", "x_y_2", "x_y_2_2"]
+    assert pool.route(["x.y", "x_y", "x_y_2"]) == pool.names
+
+
+def test_teacher_sampling_also_stops_at_the_teachers_generation_config_eos(
+    teachers, rollout, tiny_tokenizer, tmp_path
+):
+    a, _ = teachers
+    prompt_ids, prompt_mask = rollout.prompt_ids[:1], rollout.prompt_mask[:1]
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    free = loaded_pool({"default": a}).generate(prompt_ids, prompt_mask, ["math"], config, **kw)
+    assert free.completion_lengths.item() == 8, "the greedy sample must not stop by itself for this test"
+    stop = int(free.completion_ids[0, 2])
+    # a chat checkpoint whose turns end in a token the tokenizer's EOS is not (Qwen3-Base: <|im_end|>)
+    chat = tmp_path / "chat-teacher"
+    shutil.copytree(a, chat)
+    model = load_causal_lm(chat)
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, stop]
+    model.save_pretrained(chat)
+    stopped = loaded_pool({"default": chat}).generate(prompt_ids, prompt_mask, ["math"], config, **kw)
+    first = free.completion_ids[0].tolist().index(stop)
+    assert stopped.completion_ids[0].tolist() == free.completion_ids[0, : first + 1].tolist()
+    assert not stopped.is_truncated[0]

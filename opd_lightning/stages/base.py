@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch
 from opd_lightning.metrics import DomainMean
-from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path
+from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from opd_lightning.rollout import SamplingConfig, generate
 
 
@@ -96,6 +96,7 @@ class PolicyModule(L.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_config = eval or EvalConfig()
         self.policy: torch.nn.Module | None = None
+        self.eos_token_ids: list[int] | None = None  # what ends a sample (models.stop_token_ids), set on load
         self._val_samples: list[str] = []
 
     # ------------------------------------------------------------------------------------ building
@@ -105,6 +106,7 @@ class PolicyModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = self.load_policy(self.model_path)
+        self.eos_token_ids = stop_token_ids(self.policy, self.tokenizer.eos_token_id)
         self.policy.train()  # from_pretrained returns eval-mode modules
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -119,17 +121,34 @@ class PolicyModule(L.LightningModule):
         self.val_task_accuracy = DomainMean([s.name for s in datamodule.specs])
 
     def on_fit_start(self) -> None:
-        # the policy's config is known only once configure_model has loaded it
+        # the models' configs are known only once configure_model has loaded them
         self._check_context(self.trainer.datamodule)
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """``YAML field -> model`` for every loaded frozen model (teachers, reference) under `frozen_modules`;
+        `models.load_frozen` records the field each came from."""
+        found = {}
+        for name in self.frozen_modules:
+            module = getattr(self, name)
+            if module is not None:
+                found.update({m.yaml_field: m for m in module.modules() if hasattr(m, "yaml_field")})
+        return found
+
     def _check_context(self, datamodule) -> None:
-        limit = getattr(self.policy.config, "max_position_embeddings", None)  # not every config has one
-        need = datamodule.max_prompt_length + max(self.eval_config.max_new_tokens, self.max_new_tokens())
-        if limit is not None and need > limit:
-            raise ValueError(
-                f"data.max_prompt_length + max new tokens = {need} exceeds the model's context "
-                f"({limit} positions); lower one of them"
-            )
+        """Every model that reads prompt + completion (the policy, and each teacher or reference that scores
+        or samples them) must hold it in its context: past it, positions are ones the model never learned."""
+        new_tokens = max(self.eval_config.max_new_tokens, self.max_new_tokens())
+        need = datamodule.max_prompt_length + new_tokens
+        for field, model in {"model.init_args.model": self.policy, **self.frozen_models()}.items():
+            limit = getattr(model.config, "max_position_embeddings", None)  # not every config has one
+            if limit is not None and need > limit:
+                raise ValueError(
+                    f"{field}: the model's context is {limit} positions, but data.max_prompt_length "
+                    f"({datamodule.max_prompt_length}) + max new tokens ({new_tokens}: the larger of "
+                    "model.init_args.eval.max_new_tokens and the stage's sampling or answer length) = "
+                    f"{need}.\n"
+                    "Lower one of them, or use a model with a longer context."
+                )
 
     def max_new_tokens(self) -> int:
         """Longest completion the stage trains on (stages that sample override this)."""
@@ -177,8 +196,9 @@ class PolicyModule(L.LightningModule):
         if self.trainer.world_size > 1 and not config.sync_ranks:
             config = SamplingConfig(**{**config.__dict__, "sync_ranks": True})
         return generate(
-            policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.tokenizer.eos_token_id,
+            policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id, domains=batch.domains, generator=generator,
+            tokenizer=self.tokenizer,  # stop strings are matched on decoded text
         )
 
     # --------------------------------------------------------------------------- validation by generation

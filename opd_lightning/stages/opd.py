@@ -41,24 +41,15 @@ from opd_lightning.losses import (
     reverse_kl,
     sampled_reverse_kl,
     skew_kl,
-    token_logprobs,
     topk_reverse_kl,
 )
-from opd_lightning.metrics import DomainMean
+from opd_lightning.metrics import DISTILLATION_STATS, DomainMean
+from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool, TeacherScores
 
 LOSSES = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
-# Per-token diagnostics of TeacherScores.stats, logged per teacher and per domain.
-STATS = (
-    "reverse_kl",
-    "student_entropy",
-    "teacher_entropy",
-    "topk_overlap",
-    "student_shared_mass",
-    "teacher_shared_mass",
-)
 
 
 @dataclass
@@ -225,9 +216,10 @@ class MultiExpertOPD(PolicyModule):
                     "distill.reward_normalization: group needs sampling.num_samples >= 2 (a group per prompt), "
                     f"got {self.sampling.num_samples}; raise it or use reward_normalization: none"
                 )
-        # Cheap and before any weights load: folders exist, tokenizers equal the student's.
-        self.teachers = TeacherPool(teachers, field="model.init_args.teachers")
-        self.teachers.check_tokenizers(self.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
+        # Cheap and before any weights load: folders exist, tokenizers and chat templates equal the student's.
+        self.teachers = TeacherPool.for_student(
+            teachers, self.tokenizer, trust_remote_code=self.hparams.trust_remote_code
+        )
 
     # ------------------------------------------------------------------------------------ building
 
@@ -240,8 +232,8 @@ class MultiExpertOPD(PolicyModule):
         # A missing route is a config error: say so before any model loads or any step runs.
         self.teachers.check_domains(datamodule.domains)
         super().setup(stage)
-        names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in STATS]
-        names += [f"domain/{d}/{s}" for d in datamodule.domains for s in STATS]
+        names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in DISTILLATION_STATS]
+        names += [f"domain/{d}/{s}" for d in datamodule.domains for s in DISTILLATION_STATS]
         names += [f"accuracy/{d}" for d in datamodule.domains]
         self.train_stats = DomainMean(names)
 
@@ -256,8 +248,8 @@ class MultiExpertOPD(PolicyModule):
         if off_policy:
             rollout = self.teachers.generate(
                 batch.prompt_ids, batch.prompt_mask, batch.domains, self.sampling,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                generator=self._generator(),
+                eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                generator=self._generator(), tokenizer=self.tokenizer,
             )  # fmt: skip
         else:
             rollout = self.sample(self.policy, batch, self.sampling, generator=self._generator())
@@ -321,7 +313,7 @@ class MultiExpertOPD(PolicyModule):
         train accuracy (exact match) per domain, the share of tokens each teacher scored, its throughput."""
         mask = rollout.completion_mask
         lengths = mask.sum(-1).float()  # [N]
-        for stat in STATS:
+        for stat in DISTILLATION_STATS:
             per_row = torch.where(mask, scores.stats[stat], 0.0).sum(-1) / lengths.clamp(min=1)  # [N]
             self.train_stats.update(per_row, [f"teacher/{t}/{stat}" for t in scores.teacher], weights=lengths)
             self.train_stats.update(per_row, [f"domain/{d}/{stat}" for d in rollout.domains], weights=lengths)
