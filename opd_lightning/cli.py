@@ -88,8 +88,7 @@ class OPDArgumentParser(LightningArgumentParser):
             return super().error(message, ex)
         self._logger.error(message)
         command = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {short_parser_message(message)}\n"
-                         f"tip: `{command} --help` lists every option; add `--print_config` to see their values\n")
+        sys.stderr.write(f"error: {short_parser_message(message)}\ntip: `{command} --help` lists every option\n")
         sys.exit(2)
 
 
@@ -134,8 +133,8 @@ class OPDCLI(LightningCLI):
         parser.link_arguments("model.train_format", "data.train_format", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
-            self._resolve_last_checkpoint(self.config.fit)
+        if self.subcommand is not None and self.config[self.subcommand].get("ckpt_path") == "last":
+            self._resolve_last_checkpoint(self.config[self.subcommand])
 
     def instantiate_classes(self) -> None:
         try:

@@ -53,15 +53,15 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if not self.domain and self.domain_field is None:
             raise ValueError(
-                f"task {self.name!r}: set `domain` (a non-empty tag), or `domain_field` to read each row's tag "
-                "from a column of `path`"
+                f"data.tasks ({self.name!r}): set `domain` (a non-empty tag), or `domain_field` to read each "
+                "row's tag from a column of `path`"
             )
         if self.domain_field is not None and self.path is None:
-            raise ValueError(f"task {self.name!r}: `domain_field` reads a column of `path`; set `path` too")
+            raise ValueError(f"data.tasks ({self.name!r}): `domain_field` reads a column of `path`; set `path` too")
         if self.weight < 0:
-            raise ValueError(f"task {self.name!r}: `weight` must be >= 0, got {self.weight}")
+            raise ValueError(f"data.tasks ({self.name!r}): `weight` must be >= 0, got {self.weight}")
         if self.size < 1 or self.val_size < 0:
-            raise ValueError(f"task {self.name!r}: need size >= 1 and val_size >= 0")
+            raise ValueError(f"data.tasks ({self.name!r}): need size >= 1 and val_size >= 0")
 
 
 # The tasks the tiny world is built around: short answers a ~1M model can learn (PLATFORM.md). One aligned
