@@ -3,6 +3,21 @@
     opd fit --config configs/tiny/sft.yaml
     opd fit --config configs/tiny/sft.yaml --ckpt_path last        # resume
     opd fit --config configs/tiny/opd.yaml --config configs/strategy/ddp.yaml
+
+Resume. `--ckpt_path last` continues the run's newest `last.ckpt`: Lightning alone would look for it in the
+*new* `version_N` folder the logger is about to open, find nothing and train from scratch. Here the logger's
+version folders (`<save_dir>/<name>/version_*`) are searched, the newest `checkpoints/last*.ckpt` is loaded
+and the logger is pinned to its folder, so TensorBoard curves continue where they stopped. Checkpoints but
+no `last.ckpt` (`save_last` off) is a refusal that names the files. No checkpoint at all starts a fresh run
+with a warning naming the folder searched: `last` is the "resume if there is anything to resume" flag a
+requeued job passes on every launch, first one included, so refusing would break that use; the warning
+makes a wrong `save_dir`/`name` visible. A `ModelCheckpoint` with its own `dirpath` is Lightning's case
+(it finds `last.ckpt` there; the logger opens a new version folder). A pinned `logger.version` is kept.
+
+Refusals. Bad input (a typo'd key, a wrong type, a missing folder, a bad value raised by a stage's or the
+DataModule's constructor or set-up) ends in a few lines on stderr, `error: <what is wrong, which field, what
+to do>`, and exit status 2, without traceback or parser dump; the run's fresh log folder is removed.
+`OPD_TRACEBACK=1` re-raises with the full traceback instead.
 """
 
 from __future__ import annotations
@@ -13,11 +28,99 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import jsonargparse  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+
+import opd_lightning  # noqa: E402
 from opd_lightning.callbacks import HFExport  # noqa: E402
 from opd_lightning.data import PromptDataModule  # noqa: E402
 from opd_lightning.stages.base import PolicyModule  # noqa: E402
+
+# Errors that mean "the input is wrong", as opposed to a bug (whose traceback is kept).
+_REFUSALS = (ValueError, OSError, MisconfigurationException)
+_JSONARGPARSE_DIR = str(Path(jsonargparse.__file__).parent)
+_PACKAGE_DIR = str(Path(opd_lightning.__file__).parent)
+# Lines of jsonargparse's union reports that say nothing about what is wrong.
+_NOISE = re.compile(
+    r"^\s*(-\s*)?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value( type)?:|"
+    r"Expected a <class 'NoneType'>|Expected a path but)"
+)
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(f"[opd] {message}", file=sys.stderr)
+
+
+def refuse(message: str) -> None:
+    """End the command on bad input: one `error:` message, exit status 2 (argparse's usage-error code)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def short_parser_message(message: str) -> str:
+    """jsonargparse's report without its union bookkeeping: `model: <class>: Option 'lr' is not accepted`."""
+    parts = []
+    for line in message.splitlines():
+        if not line.strip() or _NOISE.match(line):
+            continue
+        line = re.sub(r'^Parser key "([^"]+)":', r"\1:", line.strip())
+        line = re.sub(r"^-\s*Problem with given class_path '([^']+)':", r"\1:", line)
+        parts.append(line.removeprefix("- "))
+    return " ".join(parts)
+
+
+class OPDArgumentParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        # nested parsers raise (exit_on_error off) and their caller reports; only the top one prints
+        if not self.exit_on_error or os.environ.get("OPD_TRACEBACK"):
+            return super().error(message, ex)
+        self._logger.error(message)
+        command = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short_parser_message(message)}\ntip: `{command} --help` lists every option\n")
+        sys.exit(2)
+
+
+def _raised_in(err: BaseException, folder: str) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(folder)
+
+
+def user_error(err: BaseException, *, ours_only: bool) -> BaseException | None:
+    """The refusal inside `err` (jsonargparse wraps a constructor's error in a union report that dumps the
+    whole Namespace): the first error of the cause chain not raised by jsonargparse itself. `ours_only`
+    keeps only those raised by this package (or Lightning's configuration checks)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, _REFUSALS) and not _raised_in(err, _JSONARGPARSE_DIR):
+            if not ours_only or _raised_in(err, _PACKAGE_DIR) or isinstance(err, MisconfigurationException):
+                return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _created_root(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet: what a run writing to `path` would create."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 class OPDCLI(LightningCLI):
@@ -29,12 +132,91 @@ class OPDCLI(LightningCLI):
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
         parser.link_arguments("model.train_format", "data.train_format", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None and self.config[self.subcommand].get("ckpt_path") == "last":
+            self._resolve_last_checkpoint(self.config[self.subcommand])
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except _REFUSALS as err:
+            cause = user_error(err, ours_only=False)
+            if cause is None or os.environ.get("OPD_TRACEBACK"):
+                raise
+            refuse(str(cause))
+
+    def fit(self, **kwargs) -> None:
+        trainer = self.trainer
+        created = _created_root(Path(trainer.log_dir)) if trainer.log_dir else None
+        try:
+            trainer.fit(**kwargs)
+        except _REFUSALS as err:
+            # refusals come from set-up hooks (data, routes, context length), before any batch is drawn
+            cause = user_error(err, ours_only=True) if trainer.state.stage is None else None
+            if cause is None or os.environ.get("OPD_TRACEBACK"):
+                raise
+            if created is not None and trainer.is_global_zero and not any(created.rglob("*.ckpt")):
+                shutil.rmtree(created, ignore_errors=True)  # the config.yaml of a run that never started
+            refuse(str(cause))
+
+    # ----------------------------------------------------------------------------------------- resume
+
+    def _resolve_last_checkpoint(self, cfg: Namespace) -> None:
+        """See the module docstring: find the newest `last*.ckpt` of the logger's runs and pin the logger."""
+        callbacks = cfg.trainer.callbacks or []
+        checkpoints = [cb for cb in callbacks if _is_a(cb.class_path, ModelCheckpoint)]
+        if checkpoints and all(cb.init_args.dirpath for cb in checkpoints):
+            return  # checkpoints do not move with the logger's version: Lightning's own search finds them
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        logger = loggers[0] if loggers else False
+        if logger is False:
+            return  # no logger: checkpoints live in <default_root_dir>/checkpoints, where Lightning looks
+        if logger is None or logger is True:  # Lightning's default logger, made explicit so it can be pinned
+            logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                               init_args=Namespace(save_dir=cfg.trainer.default_root_dir or ".",
+                                                   name="lightning_logs", version=None))
+            cfg.trainer.logger = [logger, *loggers[1:]] if len(loggers) > 1 else logger
+        if not _is_a(logger.class_path, (TensorBoardLogger, CSVLogger)):
+            refuse(
+                f"--ckpt_path last: the first trainer.logger ({logger.class_path}) is not a "
+                "TensorBoardLogger or CSVLogger, so its run folder cannot be found; pass the checkpoint file: "
+                "--ckpt_path <save_dir>/<name>/version_N/checkpoints/last.ckpt"
+            )
+        args = logger.init_args
+        if args.version is not None:
+            return  # a pinned version folder is where Lightning already looks
+        root = Path(args.save_dir or cfg.trainer.default_root_dir or ".") / (args.name or "")
+        found = [p for p in root.glob("*/checkpoints/*.ckpt") if p.is_file()]
+        last = [p for p in found if p.stem.startswith("last")]
+        if not last and found:
+            refuse(
+                f"--ckpt_path last: {root}/ has checkpoints ({', '.join(sorted(str(p) for p in found)[:3])}) but no "
+                "last.ckpt (ModelCheckpoint save_last is off); pass one of them with --ckpt_path <file>"
+            )
+        if not last:
+            _say(f"warning: --ckpt_path last: no checkpoint under {root}/*/checkpoints/, so this is a FRESH run "
+                 "(check trainer.logger's save_dir and name if you meant to resume)")
+            cfg.ckpt_path = None
+            return
+        newest = max(last, key=lambda p: p.stat().st_mtime)
+        version = newest.parent.parent.name
+        match = re.fullmatch(r"version_(\d+)", version)
+        args.version = int(match.group(1)) if match else version
+        cfg.ckpt_path = str(newest)
+        _say(f"resuming from {newest}; logging on in {newest.parent.parent}")
+
+
+def _is_a(class_path: str, base: type | tuple[type, ...]) -> bool:
+    module, _, name = class_path.rpartition(".")  # jsonargparse has resolved it to a full import path
+    return issubclass(getattr(importlib.import_module(module), name), base)
+
 
 def build_cli(args=None, run: bool = True) -> OPDCLI:
     return OPDCLI(
         PolicyModule,
         PromptDataModule,
         subclass_mode_model=True,
+        parser_class=OPDArgumentParser,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

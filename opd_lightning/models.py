@@ -48,12 +48,39 @@ def check_local_path(path: str | os.PathLike, field: str) -> Path:
     """Fail early, naming the config field, when a model/tokenizer folder is missing (no hub fallback)."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(
-            f"{field}={str(path)!r}: no such local folder. Models and tokenizers load from local paths only "
-            f"(no hub downloads). Point {field} at a Hugging Face model folder, or build the offline tiny "
-            f"model there with `opd-tiny {path} --size 1m` (or set tiny_size in the config)."
-        )
+        message = f"{field}={str(path)!r}: no such local folder. "
+        producer = _stage_exporting_to(p)
+        if producer is not None:
+            # an expert or a previous stage's output: an untrained tiny model there would be silently wrong
+            message += (f"It is the HF export of a pipeline stage: run `opd fit --config {producer}` first "
+                        f"(`bash tools/pipeline.sh` runs every stage in order), or point {field} at a trained "
+                        "Hugging Face folder.")
+        else:
+            message += (f"Models load from local paths only (no hub downloads): point {field} at a Hugging Face "
+                        "model folder (config.json, *.safetensors, tokenizer files).")
+            if field.rsplit(".", 1)[-1] == "model":
+                message += (f" To train from scratch instead, set tiny_size: 1m (or run `opd-tiny {path} --size 1m`) "
+                            "to build an untrained tiny model there.")
+        raise FileNotFoundError(message)
     return p
+
+
+def _stage_exporting_to(folder: Path) -> str | None:
+    """The config (in ./configs or the kit's own configs/) whose `export.dirpath` is `folder`, if any."""
+    import yaml
+
+    target = folder.absolute()
+    roots = dict.fromkeys([Path("configs").absolute(), Path(__file__).resolve().parents[1] / "configs"])
+    for root in roots:
+        for config in sorted(root.rglob("*.yaml")):
+            try:
+                export = (yaml.safe_load(config.read_text()) or {}).get("export")
+            except (yaml.YAMLError, AttributeError):  # not a stage config
+                continue
+            dirpath = export.get("dirpath") if isinstance(export, dict) else None
+            if dirpath and Path(dirpath).expanduser().absolute() == target:
+                return str(config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config)
+    return None
 
 
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -1,10 +1,17 @@
 """The `opd` CLI: every YAML under configs/ builds, and bad input fails before any training."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
+import lightning as L
 import pytest
+import yaml
 
-from opd_lightning.cli import build_cli
+from opd_lightning.cli import build_cli, main
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 STRATEGY_OVERLAYS = [c for c in CONFIGS if "/strategy/" in c]
@@ -14,8 +21,6 @@ STAGE_CONFIGS = [c for c in CONFIGS if c not in STRATEGY_OVERLAYS]
 def model_path_overrides(config: str, tiny_dir) -> list[str]:
     """Point every model path of a config at the test's tiny model, so nothing is built inside the repo
     and configs that start from a previous stage's output build without running that stage."""
-    import yaml
-
     init = yaml.safe_load(Path(config).read_text())["model"]["init_args"]
     args = [f"--model.init_args.model={tiny_dir}", "--model.init_args.tiny_size=null"]
     for key in ("ref_model",):
@@ -69,3 +74,175 @@ def test_unknown_task_in_yaml_fails_before_training(tmp_path, tiny_dir, capsys):
                    '--data.tasks=[{"name": "basic_aritmetic", "domain": "math"}]'], run=False)
     text = str(err.value) + capsys.readouterr().err
     assert "basic_aritmetic" in text and "not a reasoning_gym task" in text
+
+
+# --------------------------------------------------------------------------------------- resume
+
+REPO = Path(__file__).parents[1]
+SFT_YAML = str(REPO / "configs" / "tiny" / "sft.yaml")
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process when training reaches `step` (after that step's checkpoint is written): a
+    pre-empted job, with no clean-up of any kind."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tiny_overlay(path: Path, tiny_dir, kill_at: int | None = None) -> str:
+    """Shrinks configs/tiny/sft.yaml to seconds: 4 steps of 8 one-digit sums, a checkpoint every step."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 1}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "tests.test_cli.KillAt", "init_args": {"step": kill_at}})
+    overlay = {
+        "trainer": {"max_steps": 4, "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks},
+        "model": {"init_args": {"model": str(tiny_dir), "tiny_size": None}},
+        "data": {"tasks": [{"name": "basic_arithmetic", "domain": "math", "size": 200, "val_size": 4,
+                            "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+                                       "operators": ["+"]}}],
+                 "batch_size": 8, "steps_per_epoch": 3},  # the kill and the resume fall in different epochs
+    }
+    path.write_text(yaml.safe_dump(overlay))
+    return str(path)
+
+
+def opd_fit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`opd fit --config configs/tiny/sft.yaml ...` as a user runs it, from `cwd` (runs/ and artifacts/ land there)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", "--config", SFT_YAML, *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def scalars(version_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in sorted(version_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        out.update({e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {})
+    return out
+
+
+def test_ckpt_path_last_resumes_a_killed_run_in_its_own_version_folder(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    first = opd_fit(killed, "--config", tiny_overlay(tmp_path / "kill.yaml", tiny_dir, kill_at=2), "--ckpt_path", "last")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert "no checkpoint under runs/tiny-sft/*/checkpoints/, so this is a FRESH run" in first.stderr
+    run_dir = killed / "runs" / "tiny-sft" / "version_0"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    resumed = opd_fit(killed, "--config", tiny_overlay(tmp_path / "go.yaml", tiny_dir), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from runs/tiny-sft/version_0/checkpoints/last.ckpt" in resumed.stderr
+    assert sorted(p.name for p in (killed / "runs" / "tiny-sft").iterdir()) == ["version_0"], "no new version folder"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    # the interrupted run, resumed, is the uninterrupted run: same curve in one folder, same weights
+    assert opd_fit(straight, "--config", str(tmp_path / "go.yaml")).returncode == 0
+    curve = scalars(run_dir, "train/loss")
+    assert sorted(curve) == [0, 1, 2, 3], "TensorBoard's curve continues in the run's folder"
+    assert curve == scalars(straight / "runs" / "tiny-sft" / "version_0", "train/loss")
+    a = load_file(killed / "artifacts" / "sft-math" / "hf" / "model.safetensors")
+    b = load_file(straight / "artifacts" / "sft-math" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ckpt_path_last_with_checkpoints_but_no_last_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    stale = tmp_path / "runs" / "tiny-sft" / "version_3" / "checkpoints" / "epoch=0-step=300.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", SFT_YAML, *model_path_overrides(SFT_YAML, tiny_dir), "--ckpt_path", "last"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "has checkpoints (runs/tiny-sft/version_3/checkpoints/epoch=0-step=300.ckpt) but no last.ckpt" in err
+
+
+# --------------------------------------------------------------------------------------- refusals
+
+
+def refusal(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_, mock.patch.object(sys, "argv", ["opd"]):
+        main(["fit", *args])
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Namespace(" not in text and "Traceback" not in text and "Given value" not in text, text
+    assert len(out.err.strip().splitlines()) <= 3, out.err
+    return out.err
+
+
+def test_refusals_are_a_few_lines_naming_the_field(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = model_path_overrides(SFT_YAML, tiny_dir)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    learning_rate: 0.1\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?" "answer": "4"}\n')
+    cases = [
+        (["--config", SFT_YAML, *tiny, "--config", str(typo)], ["model:", "'learning_rate' is not accepted"]),
+        (["--config", SFT_YAML, *tiny, "--data.batch_sise=3"], ["--data.batch_sise"]),
+        (["--config", SFT_YAML, *tiny, "--data.ood_ratio=1.5"], ["data.ood_ratio must be in [0, 1]"]),
+        (["--config", SFT_YAML, *tiny, f'--data.tasks=[{{"name": "mine", "domain": "math", "path": "{bad}"}}]'],
+         ["data.tasks[0].path=", "line 2 is not valid JSON", "Fix that line"]),
+        # raised in the DataModule's set-up, inside `fit`
+        (["--config", SFT_YAML, *tiny, "--data.max_prompt_length=5"], ["data.max_prompt_length=5 is shorter"]),
+    ]
+    for args, expected in cases:
+        err = refusal(capsys, args)
+        assert all(e in err for e in expected), (expected, err)
+    assert not any(tmp_path.glob("runs/*/version_*")), "a refused run leaves no log folder behind"
+
+
+def test_a_refusal_from_a_stage_set_up_removes_the_run_folder_it_created(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    opd_yaml = str(REPO / "configs" / "tiny" / "opd.yaml")
+    rows = tmp_path / "rows.jsonl"  # per-row domains reach the teacher routes
+    rows.write_text("".join(f'{{"question": "{i} + 1?", "answer": "{i + 1}", "domain": "{d}"}}\n'
+                            for i, d in enumerate(["math", "string"] * 10)))
+    task = f'{{"name": "rows", "path": "{rows}", "domain_field": "domain", "val_size": 2}}'
+    args = ["--config", opd_yaml, f"--model.init_args.model={tiny_dir}", f"--data.tasks=[{task}]",
+            "--data.ood_ratio=0", f'--model.init_args.teachers={{"math": "{tiny_dir}"}}']  # none for `string`
+    err = refusal(capsys, args)
+    assert "['string'] with no teacher in model.init_args.teachers" in err
+    assert not (tmp_path / "runs").exists(), "the config.yaml Lightning wrote at set-up is gone with its folder"
+
+
+def test_a_missing_pipeline_artifact_names_the_stage_that_makes_it(tmp_path):
+    """`opd fit --config configs/tiny/grpo.yaml` before the pipeline made the expert, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", "--config",
+                           str(REPO / "configs" / "tiny" / "grpo.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len((done.stdout + done.stderr).strip().splitlines()) < 10 and "Traceback" not in done.stderr
+    assert "model.init_args.model='artifacts/experts/math-sft/hf': no such local folder" in done.stderr
+    assert "expert_sft_math.yaml` first" in done.stderr
+    assert "opd-tiny" not in done.stderr, "an untrained tiny model is no expert"
+    assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_the_readme_prompts_example_builds_with_its_per_row_domains(tiny_dir, monkeypatch):
+    monkeypatch.chdir(REPO)  # run as the README runs it, from the repo root (run=False writes nothing)
+    cli = build_cli(["--config", SFT_YAML, "--config", "examples/my_prompts.yaml",
+                     *model_path_overrides(SFT_YAML, tiny_dir)], run=False)
+    data = cli.datamodule
+    assert [s.name for s in data.specs] == ["my_prompts"] and data.domains == ["math", "string"]
+    data.setup("fit")
+    assert {e.domain for e in data.val_examples} <= {"math", "string"} and len(data.val_examples) == 8
+    batch = next(iter(data.train_dataloader()))  # SFT: prompt + answer batches
+    assert set(batch.domains) == {"math", "string"}
+    assert all(("plus" in e.entry["question"]) == (e.domain == "math") for e in data.train_pools["my_prompts"])

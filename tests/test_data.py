@@ -122,3 +122,140 @@ def test_bad_reasoning_gym_config_names_the_field():
     with pytest.raises(ValueError, match=r"data.tasks\[0\].config for 'basic_arithmetic' is invalid"):
         build_task(TaskSpec("basic_arithmetic", "math", config=dict(min_digits=5, max_digits=1)),
                    "data.tasks[0]").split(0)
+
+
+# ------------------------------------------------------------------------------ batch composition
+
+
+def test_ood_prompts_take_random_positions_in_the_batch(tiny_tokenizer):
+    dm = make(tiny_tokenizer, ood_ratio=0.25, batch_size=16)
+    it = iter(dm.train_dataloader())
+    positions = [tuple((~next(it).aligned).nonzero().flatten().tolist()) for _ in range(6)]
+    # drawn first, OOD items used to sit at 0..3 in every batch: a position signal for the model to learn
+    assert any(p != (0, 1, 2, 3) for p in positions), positions
+    assert len(set(positions)) > 1
+    assert all(len(p) == 4 for p in positions), "shuffling must not change the OOD share"
+
+
+@pytest.mark.parametrize("tasks", [[OOD], [MATH, OOD]], ids=["only-ood-tasks", "aligned-and-ood-tasks"])
+def test_ood_ratio_one_gives_all_ood_batches(tiny_tokenizer, tasks):
+    dm = make(tiny_tokenizer, tasks=tasks, ood_ratio=1.0, batch_size=8)
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        batch = next(it)
+        assert len(batch) == 8 and not batch.aligned.any()
+
+
+def test_ood_share_rounding_up_to_the_whole_batch_still_draws(tiny_tokenizer):
+    # 0.9 x 1 rounds stochastically to a batch that is all OOD most of the time
+    dm = make(tiny_tokenizer, ood_ratio=0.9, batch_size=1)
+    it = iter(dm.train_dataloader())
+    shares = [int((~next(it).aligned).sum()) for _ in range(20)]
+    assert set(shares) == {0, 1}
+
+
+def test_aligned_share_without_an_aligned_task_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"data.ood_ratio=0.5 leaves room for teacher-aligned prompts.*ood_ratio: 1.0"):
+        PromptDataModule(tasks=[OOD], ood_ratio=0.5)
+
+
+def test_a_domain_whose_tasks_all_weigh_zero_is_refused(tiny_tokenizer):
+    zero = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=50, val_size=5, weight=0.0)
+    with pytest.raises(ValueError, match=r"domain 'math' has no training item under a task of positive weight"):
+        make(tiny_tokenizer, tasks=[zero])
+
+
+# ------------------------------------------------------------------------------ custom data
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qa_rows(n, domain=None):
+    return [{"q": f"What is {i} plus one?", "a": str(i + 1), **({"domain": domain(i)} if domain else {})}
+            for i in range(n)]
+
+
+def test_per_row_domain_column_routes_each_row_to_its_domain(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", qa_rows(60, domain=lambda i: "even" if i % 2 == 0 else "odd"))
+    spec = TaskSpec("mixed", path=str(path), question_field="q", answer_field="a", domain_field="domain", val_size=10)
+    dm = make(tiny_tokenizer, tasks=[spec], domain_weights={"even": 3.0, "odd": 1.0}, batch_size=40)
+    assert dm.domains == ["even", "odd"], "the DataModule's domains (metrics, teacher routes) come from the rows"
+
+    def parity(example):
+        return "even" if int(example.entry["answer"]) % 2 == 1 else "odd"  # answer = i + 1
+
+    assert all(e.domain == parity(e) for e in dm.train_pools["mixed"] + dm.val_examples)
+    assert {e.domain for e in dm.val_examples} == {"even", "odd"}
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(5)]
+    for batch in batches:
+        assert all(d == ("even" if int(e["answer"]) % 2 else "odd") for d, e in zip(batch.domains, batch.entries))
+    share = Counter(d for b in batches for d in b.domains)["even"] / 200
+    assert 0.65 < share < 0.85, "domain_weights apply to per-row domains"
+
+
+def test_per_row_domain_weight_for_an_unknown_domain_names_the_known_ones(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", qa_rows(10, domain=lambda i: "a"))
+    spec = TaskSpec("mixed", path=str(path), question_field="q", answer_field="a", domain_field="domain", val_size=2)
+    with pytest.raises(ValueError, match=r"data.domain_weights has 'b'.*aligned domains: \['a'\]"):
+        PromptDataModule(tasks=[spec], domain_weights={"b": 1.0})
+
+
+def test_rows_without_a_domain_take_the_task_domain_or_are_refused(tiny_tokenizer, tmp_path):
+    rows = qa_rows(20, domain=lambda i: "x" if i < 10 else "")
+    path = write_jsonl(tmp_path / "some.jsonl", rows)
+    spec = dict(path=str(path), question_field="q", answer_field="a", domain_field="domain", val_size=0)
+    dm = make(tiny_tokenizer, tasks=[TaskSpec("some", "fallback", **spec)])
+    assert dm.domains == ["fallback", "x"]
+    with pytest.raises(ValueError, match=r"data.tasks\[0\]: line 11 of .*some.jsonl' has an empty 'domain'"):
+        PromptDataModule(tasks=[TaskSpec("some", **spec)])
+
+
+def test_per_row_domains_give_per_domain_validation_accuracy(tiny_dir, tiny_tokenizer, tmp_path):
+    from opd_lightning.stages import SFT
+    from tests.conftest import cpu_trainer
+
+    path = write_jsonl(tmp_path / "mixed.jsonl", qa_rows(30, domain=lambda i: "even" if i % 2 == 0 else "odd"))
+    spec = TaskSpec("mixed", path=str(path), question_field="q", answer_field="a", domain_field="domain", val_size=8)
+    module = SFT(model=str(tiny_dir))
+    module.eval_config.max_new_tokens = 2
+    data = PromptDataModule(tokenizer=module.tokenizer, tasks=[spec], train_format="sft", val_batch_size=8)
+    metrics = cpu_trainer(tmp_path, 1, limit_val_batches=1).validate(module, datamodule=data, verbose=False)[0]
+    assert {"val/accuracy/even", "val/accuracy/odd"} <= set(metrics)
+
+
+def test_save_to_disk_folder_is_read(tiny_tokenizer, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(qa_rows(20))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(5))}).save_to_disk(str(tmp_path / "saved_dict"))
+    common = dict(question_field="q", answer_field="a", val_size=2)
+    dm = make(tiny_tokenizer, tasks=[TaskSpec("one", "math", path=str(tmp_path / "saved"), **common),
+                                     TaskSpec("dict", "math", path=str(tmp_path / "saved_dict"), split="test", **common)])
+    assert len(dm.train_pools["one"]) == 18 and len(dm.train_pools["dict"]) == 3
+    with pytest.raises(ValueError, match=r"data.tasks\[0\].split='validation' is not in .*\['test', 'train'\]"):
+        PromptDataModule(tasks=[TaskSpec("dict", "math", path=str(tmp_path / "saved_dict"), split="validation",
+                                         **common)])
+
+
+def test_malformed_jsonl_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?", "answer": 4,}\n')
+    with pytest.raises(ValueError, match=r"data.tasks\[0\].path='.*bad.jsonl': line 3 is not valid JSON .*Fix that line"):
+        PromptDataModule(tasks=[TaskSpec("bad", "math", path=str(path))])
+    path.write_text('{"question": "1+1?", "answer": "2"}\n["2+2?", "4"]\n')
+    with pytest.raises(ValueError, match=r"line 2 is a list, not a JSON object"):
+        PromptDataModule(tasks=[TaskSpec("bad", "math", path=str(path))])
+
+
+def test_missing_column_names_the_row_and_the_field_to_set(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
+    with pytest.raises(ValueError, match=r"line 1 of .* has no column 'question' \(it has \['a', 'q'\]\); set "
+                                         r"data.tasks\[0\].question_field"):
+        PromptDataModule(tasks=[TaskSpec("qa", "math", path=str(path))])

@@ -75,21 +75,33 @@ def encode_answer(tokenizer, prompt_ids: list[int], question: str, answer: str, 
 
 
 class MixtureSampler:
-    """Which items make up batch `g`: an exact OOD share, then domains by weight, tasks by weight."""
+    """Which items make up batch `g`: an exact OOD share, then domains by weight, tasks by weight within a
+    domain, then a uniform item of that task and domain; finally shuffled, so position carries no signal."""
 
     def __init__(self, pools: dict[str, list[Example]], specs: list[TaskSpec], domain_weights: dict[str, float],
                  ood_ratio: float, batch_size: int, seed: int):
-        self.pools, self.batch_size, self.seed, self.ood_ratio = pools, batch_size, seed, ood_ratio
-        aligned = [s for s in specs if s.aligned]
+        self.batch_size, self.seed, self.ood_ratio = batch_size, seed, ood_ratio
         self.domains = sorted(domain_weights)
         self.domain_probs = torch.tensor([domain_weights[d] for d in self.domains], dtype=torch.float64)
-        self.domain_tasks = {
-            d: ([s.name for s in aligned if s.domain == d], torch.tensor([s.weight for s in aligned if s.domain == d],
-                                                                          dtype=torch.float64))
+        # per domain: the (task, domain) sub-pools with their task weights; a task whose rows carry several
+        # domains takes part in each of them with its own weight
+        self.aligned = {
+            d: self._choices([(s.weight, [e for e in pools[s.name] if e.domain == d]) for s in specs if s.aligned],
+                             f"domain {d!r}")
             for d in self.domains
         }
-        ood = [s for s in specs if not s.aligned]
-        self.ood_tasks = ([s.name for s in ood], torch.tensor([s.weight for s in ood], dtype=torch.float64))
+        ood = [(s.weight, pools[s.name]) for s in specs if not s.aligned]
+        self.ood = self._choices(ood, "the OOD share (data.ood_ratio)") if ood_ratio > 0 else ([], torch.zeros(0))
+
+    @staticmethod
+    def _choices(candidates: list[tuple[float, list[Example]]], what: str) -> tuple[list[list[Example]], torch.Tensor]:
+        kept = [(w, pool) for w, pool in candidates if w > 0 and pool]
+        if not kept:
+            raise ValueError(
+                f"data.tasks: {what} has no training item under a task of positive weight (every row may have "
+                "gone to validation); raise the task's size or weight, or lower its val_size"
+            )
+        return [pool for _, pool in kept], torch.tensor([w for w, _ in kept], dtype=torch.float64)
 
     def batch(self, g: int, rank: int = 0) -> list[Example]:
         # a distinct, reproducible stream per (seed, batch, rank): random access makes resuming free
@@ -97,14 +109,16 @@ class MixtureSampler:
         # stochastic rounding keeps the OOD share exact in expectation for any batch size
         n_ood = math.floor(self.ood_ratio * self.batch_size)
         n_ood += int(torch.rand((), generator=gen) < self.ood_ratio * self.batch_size - n_ood)
-        picks = [self._pick(*self.ood_tasks, gen) for _ in range(n_ood)]
-        domains = torch.multinomial(self.domain_probs, self.batch_size - n_ood, replacement=True, generator=gen)
-        picks += [self._pick(*self.domain_tasks[self.domains[d]], gen) for d in domains.tolist()]
-        return picks
+        picks = [self._pick(*self.ood, gen) for _ in range(n_ood)]
+        if n_ood < self.batch_size:  # ood_ratio 1 (or rounding up to the whole batch) leaves no aligned slot
+            domains = torch.multinomial(self.domain_probs, self.batch_size - n_ood, replacement=True, generator=gen)
+            picks += [self._pick(*self.aligned[self.domains[d]], gen) for d in domains.tolist()]
+        # OOD items are drawn first; without the shuffle they would always lead the batch
+        return [picks[i] for i in torch.randperm(len(picks), generator=gen).tolist()]
 
-    def _pick(self, names: list[str], weights: torch.Tensor, gen: torch.Generator) -> Example:
-        name = names[torch.multinomial(weights, 1, generator=gen).item()]
-        pool = self.pools[name]
+    @staticmethod
+    def _pick(pools: list[list[Example]], weights: torch.Tensor, gen: torch.Generator) -> Example:
+        pool = pools[torch.multinomial(weights, 1, generator=gen).item()]
         return pool[torch.randint(len(pool), (), generator=gen).item()]
 
 
@@ -188,7 +202,10 @@ class PromptDataModule(L.LightningDataModule):
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"data.tasks: task names must be unique, got {names}; give each a distinct `name`")
-        aligned_domains = sorted({s.domain for s in self.specs if s.aligned})
+        # reads every file task now (cheap, no tokenizer): a bad file, and the domains its rows carry, are
+        # known before any model loads
+        task_domains = [task.domains() for task in self.tasks]
+        aligned_domains = sorted(set().union(*(d for d, s in zip(task_domains, self.specs) if s.aligned)))
         if domain_weights is None:
             domain_weights = {d: 1.0 for d in aligned_domains}
         for d, w in domain_weights.items():
@@ -205,7 +222,11 @@ class PromptDataModule(L.LightningDataModule):
         if ood_ratio > 0 and all(s.aligned for s in self.specs):
             raise ValueError("data.ood_ratio > 0 but no task has `aligned: false`; add an OOD task or set ood_ratio: 0")
         if ood_ratio < 1 and not self.domain_weights:
-            raise ValueError("data.domain_weights gives no aligned domain a positive weight")
+            raise ValueError(
+                f"data.ood_ratio={ood_ratio} leaves room for teacher-aligned prompts, but no aligned domain has a "
+                f"positive weight (aligned domains: {aligned_domains}, data.domain_weights: {domain_weights}); add "
+                "an `aligned: true` task or a positive weight, or set data.ood_ratio: 1.0 for all-OOD batches"
+            )
         for field_name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size),
                                   ("steps_per_epoch", steps_per_epoch), ("max_prompt_length", max_prompt_length),
                                   ("max_answer_length", max_answer_length)):
@@ -216,9 +237,10 @@ class PromptDataModule(L.LightningDataModule):
         self.steps_per_epoch, self.seed, self.system_prompt = steps_per_epoch, seed, system_prompt
         self.max_prompt_length, self.max_answer_length = max_prompt_length, max_answer_length
         self.train_format = train_format
-        self.domains = sorted({s.domain for s in self.specs})
+        self.domains = sorted(set().union(*task_domains))
         self.train_pools: dict[str, list[Example]] = {}
         self.val_examples: list[Example] = []
+        self.sampler: MixtureSampler | None = None
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -236,6 +258,8 @@ class PromptDataModule(L.LightningDataModule):
             train, val = task.split(self.seed + zlib.crc32(spec.name.encode()))
             self.train_pools[spec.name] = [self._encode(spec, item, i) for item in train]
             self.val_examples += [self._encode(spec, item, i) for item in val]
+        self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
+                                      self.batch_size, self.seed)
 
     def _encode(self, spec: TaskSpec, item: dict, i: int) -> Example:
         prompt = encode_prompt(self.tokenizer, item["question"], self.system_prompt)
@@ -253,18 +277,16 @@ class PromptDataModule(L.LightningDataModule):
                     f"data.max_answer_length={self.max_answer_length} is shorter than a reference answer of task "
                     f"data.tasks[{i}] ({spec.name!r}): {len(answer)} tokens. Raise data.max_answer_length."
                 )
-        return Example(prompt, answer, spec.domain, spec.aligned, spec.name, item)
+        return Example(prompt, answer, self.tasks[i].domain_of(item), spec.aligned, spec.name, item)
 
     # ---------------------------------------------------------------------------------------- loaders
 
     def train_dataloader(self) -> DataLoader:
-        sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
-                                 self.batch_size, self.seed)
         collate = self.collate_sft if self.train_format == "sft" else self.collate_prompts
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
         processed = (lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed) if trainer else None
-        return ResumableLoader(_MixtureStream(sampler, collate, self.steps_per_epoch, rank), processed)
+        return ResumableLoader(_MixtureStream(self.sampler, collate, self.steps_per_epoch, rank), processed)
 
     def val_dataloader(self) -> DataLoader:
         # validation is by generation on prompts; every rank takes its own slice (Lightning's distributed
