@@ -46,10 +46,17 @@ def test_every_config_builds_with_the_cli(config, tiny_dir, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("overlay", STRATEGY_OVERLAYS, ids=lambda c: Path(c).name)
 def test_strategy_overlays_build_on_top_of_a_stage_config(overlay, tiny_dir, tmp_path, monkeypatch):
+    import yaml
+    from lightning.pytorch.strategies import StrategyRegistry
+
     monkeypatch.chdir(tmp_path)
     base = next(c for c in STAGE_CONFIGS if c.endswith("tiny/sft.yaml"))
     cli = build_cli(["--config", base, "--config", overlay, *model_path_overrides(base, tiny_dir)], run=False)
-    assert cli.trainer.strategy is not None
+    # the overlay's values win over the base config's (devices: 1, single-device strategy)
+    wanted = yaml.safe_load(Path(overlay).read_text())["trainer"]
+    assert isinstance(cli.trainer.strategy, StrategyRegistry[wanted["strategy"]]["strategy"])
+    assert (cli.trainer.num_devices, cli.trainer.num_nodes) == (wanted["devices"], wanted["num_nodes"])
+    assert cli.trainer.world_size == wanted["devices"] * wanted["num_nodes"]
 
 
 def test_unknown_yaml_key_names_the_key(tmp_path, capsys, tiny_dir):

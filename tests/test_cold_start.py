@@ -416,6 +416,7 @@ def test_tiny_yaml_builds_with_the_cli(tiny_dir, teacher_dir):
     assert sorted(cli.model.teachers.routes) == ["math", "string"]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_each_data_parallel_rank_samples_its_share_of_the_cache(tiny_dir, teacher_dir, tmp_path):
     from datetime import timedelta

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_opd_config_runs_for_a_few_steps_under_ddp_with_two_cpu_processes(tiny_dir, tmp_path):
     overrides = [

@@ -1,8 +1,16 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_lightning.models import build_tiny, check_local_path, check_same_tokenizer, load_causal_lm, tiny_main
+from opd_lightning.callbacks import save_hf
+from opd_lightning.models import (
+    build_tiny,
+    check_local_path,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    tiny_main,
+)
+from opd_lightning.rollout import SamplingConfig, generate
 
 
 def test_tiny_tokenizer_splits_digits_and_round_trips(tiny_tokenizer):
@@ -22,15 +30,31 @@ def test_chat_template_assistant_mask_covers_answer_and_eos(tiny_tokenizer):
 
 
 def test_tiny_model_saves_and_reloads_bit_identical(tiny_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
-    assert (tiny_dir / "model.safetensors").exists()
+    model, tokenizer = load_causal_lm(tiny_dir), load_tokenizer(tiny_dir)
     n = sum(p.numel() for p in model.parameters())
     assert 0.5e6 < n < 2e6, n
-    again = load_causal_lm(tiny_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights that tiny_dir does not hold, so only the saved folder can give them back
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    out = save_hf(model, tokenizer, tmp_path / "saved")
+    assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+    again, tok = load_causal_lm(out), load_tokenizer(out)
+    assert type(again) is type(model) and again.state_dict().keys() == model.state_dict().keys()
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    head, embedding = again.get_output_embeddings().weight, again.get_input_embeddings().weight
+    assert head.data_ptr() == embedding.data_ptr(), "tied embeddings stay tied"
     x = torch.randint(0, model.config.vocab_size, (2, 7))
     assert torch.equal(model(x).logits, again(x).logits)
-    tok = AutoTokenizer.from_pretrained(tiny_dir, local_files_only=True)
-    assert len(tok) == model.config.vocab_size
+    prompt = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Calculate 2 + 3."}],
+                                                         add_generation_prompt=True, return_dict=False)])
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    assert torch.equal(generate(model, prompt, torch.ones_like(prompt), greedy, **kw).completion_ids,
+                       generate(again, prompt, torch.ones_like(prompt), greedy, **kw).completion_ids)
+    assert tok.get_vocab() == tokenizer.get_vocab() and len(tok) == again.config.vocab_size
+    assert tok.chat_template == tokenizer.chat_template and tok.padding_side == "left"
 
 
 def test_build_tiny_is_deterministic_and_keeps_an_existing_folder(tiny_dir, tmp_path):

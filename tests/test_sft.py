@@ -1,6 +1,7 @@
 """The SFT stage learns, checkpoints, resumes exactly, and exports a loadable HF folder."""
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,7 @@ def trainer(tmp_path, steps, callbacks=(), **kw):
     return cpu_trainer(tmp_path, steps, callbacks, **{"limit_val_batches": 1, "enable_checkpointing": True, **kw})
 
 
+@pytest.mark.slow
 def test_sft_loss_falls_and_greedy_accuracy_rises(tiny_dir, tmp_path):
     L.seed_everything(0)
     module, data = make(tiny_dir, steps=200)
