@@ -61,3 +61,23 @@ class HFExport(L.Callback):
             self.last_export = save_hf(pl_module.policy, pl_module.tokenizer, out, state_dict=state_dict)
             print(f"[opd] exported the trained policy in HF format to {self.last_export}")
         trainer.strategy.barrier("hf_export")
+
+
+class HParamsWithFinalMetrics(L.Callback):
+    """At the end of `fit`, record the run's hyper-parameters with its final validation metrics, so
+    TensorBoard's HPARAMS view lists every stage's settings next to the accuracy they reached.
+
+    Lightning logs the hyper-parameters at fit start with a placeholder `hp_metric`; the HPARAMS view reads a
+    metric's value from the run's scalars of that tag, so naming the final `val/*` tags here is enough."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        params = dict(pl_module.hparams)
+        if trainer.datamodule is not None:
+            params.update({f"data.{k}": v for k, v in trainer.datamodule.hparams.items()})
+        params.update(max_steps=trainer.max_steps, global_step=trainer.global_step)
+        trainer.logger.log_hyperparams(params, metrics=metrics)

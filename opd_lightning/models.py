@@ -109,7 +109,18 @@ def load_causal_lm(
     )
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    # Checkpoints often pad their embedding rows past the tokenizer (Qwen2.5-7B: 152,064 rows for 151,665
+    # tokens; the 1.5B: 151,936 on the same tokenizer). Those rows are never a real token: drop them, so the
+    # logits of every model of one tokenizer have the same width and a sample never draws a padding id.
+    vocab = len(load_tokenizer(path, trust_remote_code=trust_remote_code))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < vocab:
+        raise ValueError(f"{path}: the model has {rows} embedding rows for a tokenizer of {vocab} tokens; "
+                         "the folder's tokenizer does not belong to this model")
+    if rows > vocab:
+        model.resize_token_embeddings(vocab)
+    return model
 
 
 def load_frozen(path: str | os.PathLike, *, dtype: torch.dtype | str, field: str,

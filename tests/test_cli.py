@@ -15,7 +15,11 @@ from opd_lightning.cli import build_cli, main
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 STRATEGY_OVERLAYS = [c for c in CONFIGS if "/strategy/" in c]
-STAGE_CONFIGS = [c for c in CONFIGS if c not in STRATEGY_OVERLAYS]
+DEFAULTS = next(c for c in CONFIGS if c.endswith("tiny/defaults.yaml"))  # every stage's first config
+QUICK = next(c for c in CONFIGS if c.endswith("tiny/quick.yaml"))  # the pipeline's --quick overlay
+STAGE_CONFIGS = [c for c in CONFIGS if c not in (*STRATEGY_OVERLAYS, DEFAULTS, QUICK)]
+BASE_YAML = next(c for c in STAGE_CONFIGS if c.endswith("tiny/base.yaml"))
+BASE = ["--config", DEFAULTS, "--config", BASE_YAML]  # `opd fit` of the pipeline's first stage
 
 
 def model_path_overrides(config: str, tiny_dir) -> list[str]:
@@ -32,13 +36,13 @@ def model_path_overrides(config: str, tiny_dir) -> list[str]:
 
 
 def test_configs_are_found():
-    assert any(c.endswith("tiny/sft.yaml") for c in STAGE_CONFIGS)
+    assert any(c.endswith("tiny/opd.yaml") for c in STAGE_CONFIGS) and len(STAGE_CONFIGS) >= 9
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda c: Path(c).relative_to(Path(c).parents[1]).as_posix())
 def test_every_config_builds_with_the_cli(config, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative outputs (runs/, artifacts/) land in the test's dir
-    cli = build_cli(["--config", config, *model_path_overrides(config, tiny_dir)], run=False)
+    cli = build_cli(["--config", DEFAULTS, "--config", config, *model_path_overrides(config, tiny_dir)], run=False)
     assert cli.model.policy is None, "weights load in configure_model, not at parse time"
     assert cli.datamodule.tokenizer is cli.model.tokenizer, "the tokenizer is linked, not repeated"
     assert cli.datamodule.train_format == cli.model.train_format
@@ -50,8 +54,7 @@ def test_strategy_overlays_build_on_top_of_a_stage_config(overlay, tiny_dir, tmp
     from lightning.pytorch.strategies import StrategyRegistry
 
     monkeypatch.chdir(tmp_path)
-    base = next(c for c in STAGE_CONFIGS if c.endswith("tiny/sft.yaml"))
-    cli = build_cli(["--config", base, "--config", overlay, *model_path_overrides(base, tiny_dir)], run=False)
+    cli = build_cli([*BASE, "--config", overlay, *model_path_overrides(BASE_YAML, tiny_dir)], run=False)
     # the overlay's values win over the base config's (devices: 1, single-device strategy)
     wanted = yaml.safe_load(Path(overlay).read_text())["trainer"]
     assert isinstance(cli.trainer.strategy, StrategyRegistry[wanted["strategy"]]["strategy"])
@@ -86,7 +89,6 @@ def test_unknown_task_in_yaml_fails_before_training(tmp_path, tiny_dir, capsys):
 # --------------------------------------------------------------------------------------- resume
 
 REPO = Path(__file__).parents[1]
-SFT_YAML = str(REPO / "configs" / "tiny" / "sft.yaml")
 
 
 class KillAt(L.Callback):
@@ -102,7 +104,7 @@ class KillAt(L.Callback):
 
 
 def tiny_overlay(path: Path, tiny_dir, kill_at: int | None = None) -> str:
-    """Shrinks configs/tiny/sft.yaml to seconds: 4 steps of 8 one-digit sums, a checkpoint every step."""
+    """Shrinks configs/tiny/base.yaml to seconds: 4 steps of 8 one-digit sums, a checkpoint every step."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 1}}]
     if kill_at is not None:
@@ -114,17 +116,18 @@ def tiny_overlay(path: Path, tiny_dir, kill_at: int | None = None) -> str:
         "data": {"tasks": [{"name": "basic_arithmetic", "domain": "math", "size": 200, "val_size": 4,
                             "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
                                        "operators": ["+"]}}],
-                 "batch_size": 8, "steps_per_epoch": 3},  # the kill and the resume fall in different epochs
+                 "domain_weights": {"math": 1.0}, "batch_size": 8,
+                 "steps_per_epoch": 3},  # the kill and the resume fall in different epochs
     }
     path.write_text(yaml.safe_dump(overlay))
     return str(path)
 
 
 def opd_fit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`opd fit --config configs/tiny/sft.yaml ...` as a user runs it, from `cwd` (runs/ and artifacts/ land there)."""
+    """`opd fit --config configs/tiny/base.yaml ...` as a user runs it, from `cwd` (runs/ and artifacts/ land there)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cwd.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", "--config", SFT_YAML, *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", *BASE, *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -146,36 +149,36 @@ def test_ckpt_path_last_resumes_a_killed_run_in_its_own_version_folder(tiny_dir,
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     first = opd_fit(killed, "--config", tiny_overlay(tmp_path / "kill.yaml", tiny_dir, kill_at=2), "--ckpt_path", "last")
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
-    assert "no checkpoint under runs/tiny-sft/*/checkpoints/, so this is a FRESH run" in first.stderr
-    run_dir = killed / "runs" / "tiny-sft" / "version_0"
+    assert "no checkpoint under runs/base/*/checkpoints/, so this is a FRESH run" in first.stderr
+    run_dir = killed / "runs" / "base" / "version_0"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
     resumed = opd_fit(killed, "--config", tiny_overlay(tmp_path / "go.yaml", tiny_dir), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from runs/tiny-sft/version_0/checkpoints/last.ckpt" in resumed.stderr
-    assert sorted(p.name for p in (killed / "runs" / "tiny-sft").iterdir()) == ["version_0"], "no new version folder"
+    assert "resuming from runs/base/version_0/checkpoints/last.ckpt" in resumed.stderr
+    assert sorted(p.name for p in (killed / "runs" / "base").iterdir()) == ["version_0"], "no new version folder"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
     # the interrupted run, resumed, is the uninterrupted run: same curve in one folder, same weights
     assert opd_fit(straight, "--config", str(tmp_path / "go.yaml")).returncode == 0
     curve = scalars(run_dir, "train/loss")
     assert sorted(curve) == [0, 1, 2, 3], "TensorBoard's curve continues in the run's folder"
-    assert curve == scalars(straight / "runs" / "tiny-sft" / "version_0", "train/loss")
-    a = load_file(killed / "artifacts" / "sft-math" / "hf" / "model.safetensors")
-    b = load_file(straight / "artifacts" / "sft-math" / "hf" / "model.safetensors")
+    assert curve == scalars(straight / "runs" / "base" / "version_0", "train/loss")
+    a = load_file(killed / "artifacts" / "base" / "hf" / "model.safetensors")
+    b = load_file(straight / "artifacts" / "base" / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ckpt_path_last_with_checkpoints_but_no_last_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    stale = tmp_path / "runs" / "tiny-sft" / "version_3" / "checkpoints" / "epoch=0-step=300.ckpt"
+    stale = tmp_path / "runs" / "base" / "version_3" / "checkpoints" / "epoch=0-step=300.ckpt"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", SFT_YAML, *model_path_overrides(SFT_YAML, tiny_dir), "--ckpt_path", "last"])
+        main(["fit", *BASE, *model_path_overrides(BASE_YAML, tiny_dir), "--ckpt_path", "last"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "has checkpoints (runs/tiny-sft/version_3/checkpoints/epoch=0-step=300.ckpt) but no last.ckpt" in err
+    assert "has checkpoints (runs/base/version_3/checkpoints/epoch=0-step=300.ckpt) but no last.ckpt" in err
 
 
 # --------------------------------------------------------------------------------------- refusals
@@ -194,19 +197,19 @@ def refusal(capsys, args: list[str]) -> str:
 
 def test_refusals_are_a_few_lines_naming_the_field(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    tiny = model_path_overrides(SFT_YAML, tiny_dir)
+    tiny = model_path_overrides(BASE_YAML, tiny_dir)
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  init_args:\n    learning_rate: 0.1\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?" "answer": "4"}\n')
     cases = [
-        (["--config", SFT_YAML, *tiny, "--config", str(typo)], ["model:", "'learning_rate' is not accepted"]),
-        (["--config", SFT_YAML, *tiny, "--data.batch_sise=3"], ["--data.batch_sise"]),
-        (["--config", SFT_YAML, *tiny, "--data.ood_ratio=1.5"], ["data.ood_ratio must be in [0, 1]"]),
-        (["--config", SFT_YAML, *tiny, f'--data.tasks=[{{"name": "mine", "domain": "math", "path": "{bad}"}}]'],
+        ([*BASE, *tiny, "--config", str(typo)], ["model:", "'learning_rate' is not accepted"]),
+        ([*BASE, *tiny, "--data.batch_sise=3"], ["--data.batch_sise"]),
+        ([*BASE, *tiny, "--data.ood_ratio=1.5"], ["data.ood_ratio must be in [0, 1]"]),
+        ([*BASE, *tiny, f'--data.tasks=[{{"name": "mine", "domain": "math", "path": "{bad}"}}]'],
          ["data.tasks[0].path=", "line 2 is not valid JSON", "Fix that line"]),
         # raised in the DataModule's set-up, inside `fit`
-        (["--config", SFT_YAML, *tiny, "--data.max_prompt_length=5"], ["data.max_prompt_length=5 is shorter"]),
+        ([*BASE, *tiny, "--data.max_prompt_length=5"], ["data.max_prompt_length=5 is shorter"]),
     ]
     for args, expected in cases:
         err = refusal(capsys, args)
@@ -221,7 +224,7 @@ def test_a_refusal_from_a_stage_set_up_removes_the_run_folder_it_created(tiny_di
     rows.write_text("".join(f'{{"question": "{i} + 1?", "answer": "{i + 1}", "domain": "{d}"}}\n'
                             for i, d in enumerate(["math", "string"] * 10)))
     task = f'{{"name": "rows", "path": "{rows}", "domain_field": "domain", "val_size": 2}}'
-    args = ["--config", opd_yaml, f"--model.init_args.model={tiny_dir}", f"--data.tasks=[{task}]",
+    args = ["--config", DEFAULTS, "--config", opd_yaml, f"--model.init_args.model={tiny_dir}", f"--data.tasks=[{task}]",
             "--data.ood_ratio=0", f'--model.init_args.teachers={{"math": "{tiny_dir}"}}']  # none for `string`
     err = refusal(capsys, args)
     assert "['string'] with no teacher in model.init_args.teachers" in err
@@ -229,14 +232,14 @@ def test_a_refusal_from_a_stage_set_up_removes_the_run_folder_it_created(tiny_di
 
 
 def test_a_missing_pipeline_artifact_names_the_stage_that_makes_it(tmp_path):
-    """`opd fit --config configs/tiny/grpo.yaml` before the pipeline made the expert, as a user runs it."""
+    """The math expert's GRPO stage before the pipeline made its SFT export, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", "--config",
-                           str(REPO / "configs" / "tiny" / "grpo.yaml")],
+    done = subprocess.run([sys.executable, "-m", "opd_lightning.cli", "fit", "--config", DEFAULTS, "--config",
+                           str(REPO / "configs" / "tiny" / "expert_grpo_math.yaml")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert len((done.stdout + done.stderr).strip().splitlines()) < 10 and "Traceback" not in done.stderr
-    assert "model.init_args.model='artifacts/experts/math-sft/hf': no such local folder" in done.stderr
+    assert "model.init_args.model='artifacts/expert/math/sft/hf': no such local folder" in done.stderr
     assert "expert_sft_math.yaml` first" in done.stderr
     assert "opd-tiny" not in done.stderr, "an untrained tiny model is no expert"
     assert not any(tmp_path.iterdir()), "nothing written"
@@ -244,8 +247,8 @@ def test_a_missing_pipeline_artifact_names_the_stage_that_makes_it(tmp_path):
 
 def test_the_readme_prompts_example_builds_with_its_per_row_domains(tiny_dir, monkeypatch):
     monkeypatch.chdir(REPO)  # run as the README runs it, from the repo root (run=False writes nothing)
-    cli = build_cli(["--config", SFT_YAML, "--config", "examples/my_prompts.yaml",
-                     *model_path_overrides(SFT_YAML, tiny_dir)], run=False)
+    cli = build_cli([*BASE, "--config", "examples/my_prompts.yaml",
+                     *model_path_overrides(BASE_YAML, tiny_dir)], run=False)
     data = cli.datamodule
     assert [s.name for s in data.specs] == ["my_prompts"] and data.domains == ["math", "string"]
     data.setup("fit")

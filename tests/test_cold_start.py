@@ -406,6 +406,8 @@ def test_tiny_yaml_builds_with_the_cli(tiny_dir, teacher_dir):
     cli = build_cli(
         [
             "--config",
+            "configs/tiny/defaults.yaml",
+            "--config",
             "configs/tiny/cold_start.yaml",
             f"--model.init_args.model={tiny_dir}",
             f"--model.init_args.teachers={teachers}",

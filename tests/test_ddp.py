@@ -22,7 +22,8 @@ def test_opd_config_runs_for_a_few_steps_under_ddp_with_two_cpu_processes(tiny_d
         "--data.batch_size=4", "--model.init_args.sampling.max_new_tokens=6", f"--export.dirpath={tmp_path / 'hf'}",
         "--trainer.callbacks=[]",
     ]
-    cmd = [sys.executable, "-m", "opd_lightning.cli", "fit", "--config", str(ROOT / "configs/tiny/opd.yaml"),
+    cmd = [sys.executable, "-m", "opd_lightning.cli", "fit", "--config", str(ROOT / "configs/tiny/defaults.yaml"),
+           "--config", str(ROOT / "configs/tiny/opd.yaml"),
            "--config", str(ROOT / "configs/strategy/ddp.yaml"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -15,8 +15,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim.lr_scheduler import LambdaLR
 
-from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch
+from opd_lightning.evaluation import greedy_exact
 from opd_lightning.metrics import DomainMean
 from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from opd_lightning.rollout import SamplingConfig, generate
@@ -26,14 +26,15 @@ from opd_lightning.rollout import SamplingConfig, generate
 class EvalConfig:
     """Validation by generation: greedy answers to each task's held-out prompts, scored by its verifier."""
 
-    max_new_tokens: int = 32
-    """Generation budget per validation answer (EOS included)."""
+    max_new_tokens: int | None = None
+    """Generation budget per validation answer (EOS included); null = data.max_answer_length, the longest
+    reference answer the data allows, so the budget is said once."""
     samples_to_log: int = 3
     """Sample completions per task written to TensorBoard as text at each validation."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
         if self.samples_to_log < 0:
             raise ValueError(f"eval.samples_to_log must be >= 0, got {self.samples_to_log}")
 
@@ -108,6 +109,11 @@ class PolicyModule(L.LightningModule):
         self.policy = self.load_policy(self.model_path)
         self.eos_token_ids = stop_token_ids(self.policy, self.tokenizer.eos_token_id)
         self.policy.train()  # from_pretrained returns eval-mode modules
+        # Sampling runs in eval mode; the loss's log-probs must come from the same function, so dropout is
+        # off in training too (TRL's disable_dropout): otherwise GRPO's first ratio is not 1 (GPT-2, OPT, ...).
+        for module in self.policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             self.policy.config.use_cache = False
@@ -116,9 +122,13 @@ class PolicyModule(L.LightningModule):
         return load_causal_lm(path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        self.val_accuracy = DomainMean(datamodule.domains)
-        self.val_task_accuracy = DomainMean([s.name for s in datamodule.specs])
+        specs = self.trainer.datamodule.specs
+        # A stage is judged on its aligned domains; OOD probe tasks are reported apart, never mixed in.
+        # "*" is every aligned prompt: the overall figure, summed across ranks like the others.
+        aligned = sorted({s.domain for s in specs if s.aligned})
+        ood = sorted({f"ood/{s.domain}" for s in specs if not s.aligned})
+        self.val_accuracy = DomainMean(["*", *aligned, *ood])
+        self.val_task_accuracy = DomainMean([s.name for s in specs])
 
     def on_fit_start(self) -> None:
         # the models' configs are known only once configure_model has loaded them
@@ -137,7 +147,7 @@ class PolicyModule(L.LightningModule):
     def _check_context(self, datamodule) -> None:
         """Every model that reads prompt + completion (the policy, and each teacher or reference that scores
         or samples them) must hold it in its context: past it, positions are ones the model never learned."""
-        new_tokens = max(self.eval_config.max_new_tokens, self.max_new_tokens())
+        new_tokens = max(self.eval_max_new_tokens(), self.max_new_tokens())
         need = datamodule.max_prompt_length + new_tokens
         for field, model in {"model.init_args.model": self.policy, **self.frozen_models()}.items():
             limit = getattr(model.config, "max_position_embeddings", None)  # not every config has one
@@ -149,6 +159,10 @@ class PolicyModule(L.LightningModule):
                     f"{need}.\n"
                     "Lower one of them, or use a model with a longer context."
                 )
+
+    def eval_max_new_tokens(self) -> int:
+        """Greedy validation budget: `eval.max_new_tokens`, else the data's longest answer."""
+        return self.eval_config.max_new_tokens or self.trainer.datamodule.max_answer_length
 
     def max_new_tokens(self) -> int:
         """Longest completion the stage trains on (stages that sample override this)."""
@@ -216,10 +230,15 @@ class PolicyModule(L.LightningModule):
             self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        config = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens, temperature=0.0)
-        completions = self.sample(self.policy, batch, config).decode(self.tokenizer)
-        scores = torch.tensor(rewards.exact_accuracy(completions, batch.entries), device=self.device)
-        self.val_accuracy.update(scores, batch.domains)
+        # the same function scores the pipeline's final table (opd_lightning.report): one evaluation path
+        completions, scores = greedy_exact(
+            lambda b, config: self.sample(self.policy, b, config), self.tokenizer, batch,
+            self.eval_max_new_tokens(),
+        )  # fmt: skip
+        scores = scores.to(self.device)
+        aligned = batch.aligned.tolist()
+        self.val_accuracy.update(scores, [d if a else f"ood/{d}" for d, a in zip(batch.domains, aligned)])
+        self.val_accuracy.update(scores[batch.aligned.to(scores.device)], ["*"] * sum(aligned))
         self.val_task_accuracy.update(scores, batch.tasks)
         shown: dict[str, int] = {}
         for task, entry, text, s in zip(batch.tasks, batch.entries, completions, scores.tolist()):
@@ -230,11 +249,14 @@ class PolicyModule(L.LightningModule):
                 )
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {
-            "val/accuracy": self.val_accuracy.total.sum() / self.val_accuracy.count.sum().clamp(min=1),
-            **{f"val/accuracy/{d}": v for d, v in self.val_accuracy.compute().items()},
-            **{f"val/task_accuracy/{t}": v for t, v in self.val_task_accuracy.compute().items()},
-        }
+        metrics = {f"val/task_accuracy/{t}": v for t, v in self.val_task_accuracy.compute().items()}
+        for key, value in self.val_accuracy.compute().items():  # reduced across ranks
+            if key == "*":
+                metrics["val/accuracy"] = value
+            elif key.startswith("ood/"):
+                metrics[f"val/ood_accuracy/{key.removeprefix('ood/')}"] = value
+            else:
+                metrics[f"val/accuracy/{key}"] = value
         self.log_val_metrics(metrics, prog_bar=("val/accuracy",))
         self.val_accuracy.reset()
         self.val_task_accuracy.reset()

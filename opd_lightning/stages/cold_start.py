@@ -218,7 +218,7 @@ class ColdStart(PolicyModule):
         m, micro = self.val_metrics, self.config.micro_batch_size
 
         # the student's own samples (temperature 1, as OPD will draw them) scored by each row's teacher
-        config = SamplingConfig(max_new_tokens=self.eval_config.max_new_tokens, temperature=1.0)
+        config = SamplingConfig(max_new_tokens=self.eval_max_new_tokens(), temperature=1.0)
         rollout = self.sample(self.policy, batch, config, self._generator(batch_idx, salt=2))
         c = rollout.completion_ids.shape[1]
         for index in torch.arange(len(rollout), device=self.device).split(micro or len(rollout)):
