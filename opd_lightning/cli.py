@@ -1,8 +1,8 @@
 """`opd`: one LightningCLI for every stage; the YAML's `model.class_path` picks the stage.
 
-    opd fit --config configs/tiny/sft.yaml
-    opd fit --config configs/tiny/sft.yaml --ckpt_path last        # resume
-    opd fit --config configs/tiny/opd.yaml --config configs/strategy/ddp.yaml
+    opd fit --config configs/tiny/defaults.yaml --config configs/tiny/base.yaml
+    opd fit --config configs/tiny/defaults.yaml --config configs/tiny/base.yaml --ckpt_path last   # resume
+    opd fit --config configs/tiny/defaults.yaml --config configs/tiny/opd.yaml --config configs/strategy/ddp.yaml
 
 Resume. `--ckpt_path last` continues the run's newest `last.ckpt`: Lightning alone would look for it in the
 *new* `version_N` folder the logger is about to open, find nothing and train from scratch. Here the logger's
@@ -43,7 +43,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import opd_lightning  # noqa: E402
-from opd_lightning.callbacks import HFExport  # noqa: E402
+from opd_lightning.callbacks import HFExport, HParamsWithFinalMetrics  # noqa: E402
 from opd_lightning.data import PromptDataModule  # noqa: E402
 from opd_lightning.stages.base import PolicyModule  # noqa: E402
 
@@ -218,6 +218,8 @@ def build_cli(args=None, run: bool = True) -> OPDCLI:
         subclass_mode_model=True,
         parser_class=OPDArgumentParser,
         save_config_kwargs={"overwrite": True},
+        # always on, after the YAML's callbacks: the HPARAMS view gets every run's settings and final metrics
+        trainer_defaults={"callbacks": [HParamsWithFinalMetrics()]},
         args=args,
         run=run,
     )

@@ -52,7 +52,7 @@ def check_local_path(path: str | os.PathLike, field: str) -> Path:
         producer = _stage_exporting_to(p)
         if producer is not None:
             # an expert or a previous stage's output: an untrained tiny model there would be silently wrong
-            message += (f"It is the HF export of a pipeline stage: run `opd fit --config {producer}` first "
+            message += (f"It is the HF export of a pipeline stage: run `{producer}` first "
                         f"(`bash tools/pipeline.sh` runs every stage in order), or point {field} at a trained "
                         "Hugging Face folder.")
         else:
@@ -66,7 +66,8 @@ def check_local_path(path: str | os.PathLike, field: str) -> Path:
 
 
 def _stage_exporting_to(folder: Path) -> str | None:
-    """The config (in ./configs or the kit's own configs/) whose `export.dirpath` is `folder`, if any."""
+    """The command of the config (in ./configs or the kit's own configs/) whose `export.dirpath` is `folder`, if
+    any: the YAML's first line when it states its command, as the kit's stage YAMLs do."""
     import yaml
 
     target = folder.absolute()
@@ -79,7 +80,9 @@ def _stage_exporting_to(folder: Path) -> str | None:
                 continue
             dirpath = export.get("dirpath") if isinstance(export, dict) else None
             if dirpath and Path(dirpath).expanduser().absolute() == target:
-                return str(config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config)
+                name = str(config.relative_to(Path.cwd()) if config.is_relative_to(Path.cwd()) else config)
+                command = config.read_text().splitlines()[0].removeprefix("#").strip()  # a stage YAML's 1st line
+                return command if command.startswith("opd ") else f"opd fit --config {name}"
     return None
 
 

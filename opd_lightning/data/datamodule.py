@@ -34,44 +34,71 @@ class Example:
     entry: dict
 
 
+def _conversation(question: str, system_prompt: str | None, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def encode_prompts(tokenizer, questions: list[str], system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each question as a chat prompt (the generation prompt included).
+
+    Batched on purpose (speed, measured on 2,000 prompts: 0.34 s against 0.53 s one call per prompt, 1.6x;
+    answers 0.43 s against 0.92 s), since every stage start encodes the tiny world's ~46k prompts. The ids are
+    the same: apply_chat_template tokenizes its rendering without special tokens, as here.
+    """
+    if not questions:
+        return []
+    texts = tokenizer.apply_chat_template([_conversation(q, system_prompt) for q in questions],
+                                          add_generation_prompt=True, tokenize=False)  # fmt: skip
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def encode_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}
-    ]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return encode_prompts(tokenizer, [question], system_prompt)[0]
 
 
-def encode_answer(tokenizer, prompt_ids: list[int], question: str, answer: str, system_prompt: str | None) -> list[int]:
-    """The completion tokens the model is trained to produce after `prompt_ids`.
+def encode_answers(
+    tokenizer, prompts: list[list[int]], questions: list[str], answers: list[str], system_prompt: str | None
+) -> list[list[int]]:
+    """The completion tokens the model is trained to produce after each prompt (batched like the prompts).
 
     Taken from the chat template's assistant mask (`{% generation %}` markers) when the template has them;
     templates without them (e.g. Qwen3's) fall back to "full conversation minus the generation prompt".
     Either way the result must extend the generation prompt exactly, or training and sampling would see
     different token sequences.
     """
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": answer},
-    ]
+    if not questions:
+        return []
+    conversations = [_conversation(q, system_prompt, a) for q, a in zip(questions, answers, strict=True)]
     template = tokenizer.chat_template or ""
     if "{% generation %}" in template or "{%- generation %}" in template:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        start = mask.index(1) if 1 in mask else len(ids)
-        end = len(mask) - mask[::-1].index(1) if 1 in mask else len(ids)
-        full_prefix, completion = ids[:start], ids[start:end]
+        out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)  # fmt: skip
+        spans = []
+        for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True):
+            ids, mask = list(ids), list(mask)
+            start = mask.index(1) if 1 in mask else len(ids)
+            end = len(mask) - mask[::-1].index(1) if 1 in mask else len(ids)
+            spans.append((ids[:start], ids[start:end]))
     else:
-        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-        full_prefix, completion = ids[: len(prompt_ids)], ids[len(prompt_ids) :]
-        # the template's closing newline etc. after EOS is not something the model generates
-        if tokenizer.eos_token_id in completion:
-            completion = completion[: completion.index(tokenizer.eos_token_id) + 1]
-    if full_prefix != prompt_ids or not completion:
-        raise ValueError(
-            "the tokenizer's chat template does not render the conversation as generation prompt + answer; "
-            "the SFT loss mask cannot be derived from it (check tokenizer.chat_template)"
-        )
-    return completion
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+        spans = []
+        for prompt, ids in zip(prompts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+            completion = list(ids[len(prompt):])
+            # the template's closing newline etc. after EOS is not something the model generates
+            if tokenizer.eos_token_id in completion:
+                completion = completion[: completion.index(tokenizer.eos_token_id) + 1]
+            spans.append((list(ids[: len(prompt)]), completion))
+    for prompt, (prefix, completion) in zip(prompts, spans, strict=True):
+        if prefix != prompt or not completion:
+            raise ValueError(
+                "the tokenizer's chat template does not render the conversation as generation prompt + answer; "
+                "the SFT loss mask cannot be derived from it (check tokenizer.chat_template)"
+            )
+    return [completion for _, completion in spans]
 
 
 class MixtureSampler:
@@ -238,6 +265,8 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length, self.max_answer_length = max_prompt_length, max_answer_length
         self.train_format = train_format
         self.domains = sorted(set().union(*task_domains))
+        self.aligned_domains = aligned_domains  # what a stage is judged on
+        self.ood_domains = sorted(set().union(*(d for d, s in zip(task_domains, self.specs) if not s.aligned)))
         self.train_pools: dict[str, list[Example]] = {}
         self.val_examples: list[Example] = []
         self.sampler: MixtureSampler | None = None
@@ -256,28 +285,32 @@ class PromptDataModule(L.LightningDataModule):
         for i, (spec, task) in enumerate(zip(self.specs, self.tasks)):
             # seeded by name, not position: a task's held-out set is the same in every config that uses it
             train, val = task.split(self.seed + zlib.crc32(spec.name.encode()))
-            self.train_pools[spec.name] = [self._encode(spec, item, i) for item in train]
-            self.val_examples += [self._encode(spec, item, i) for item in val]
+            self.train_pools[spec.name] = self._encode(spec, train, i)
+            self.val_examples += self._encode(spec, val, i)
         self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
                                       self.batch_size, self.seed)
 
-    def _encode(self, spec: TaskSpec, item: dict, i: int) -> Example:
-        prompt = encode_prompt(self.tokenizer, item["question"], self.system_prompt)
-        if len(prompt) > self.max_prompt_length:
-            raise ValueError(
-                f"data.max_prompt_length={self.max_prompt_length} is shorter than a prompt of task "
-                f"data.tasks[{i}] ({spec.name!r}): {len(prompt)} tokens for {item['question'][:80]!r}. "
-                "Raise data.max_prompt_length or make the task's prompts shorter."
-            )
-        answer: list[int] = []
+    def _encode(self, spec: TaskSpec, items: list[dict], i: int) -> list[Example]:
+        prompts = encode_prompts(self.tokenizer, [item["question"] for item in items], self.system_prompt)
+        for item, prompt in zip(items, prompts):
+            if len(prompt) > self.max_prompt_length:
+                raise ValueError(
+                    f"data.max_prompt_length={self.max_prompt_length} is shorter than a prompt of task "
+                    f"data.tasks[{i}] ({spec.name!r}): {len(prompt)} tokens for {item['question'][:80]!r}. "
+                    "Raise data.max_prompt_length or make the task's prompts shorter."
+                )
+        answers: list[list[int]] = [[] for _ in items]
         if self.train_format == "sft":
-            answer = encode_answer(self.tokenizer, prompt, item["question"], item["answer"], self.system_prompt)
-            if len(answer) > self.max_answer_length:
+            answers = encode_answers(self.tokenizer, prompts, [item["question"] for item in items],
+                                     [item["answer"] for item in items], self.system_prompt)  # fmt: skip
+            longest = max(answers, key=len, default=[])
+            if len(longest) > self.max_answer_length:
                 raise ValueError(
                     f"data.max_answer_length={self.max_answer_length} is shorter than a reference answer of task "
-                    f"data.tasks[{i}] ({spec.name!r}): {len(answer)} tokens. Raise data.max_answer_length."
+                    f"data.tasks[{i}] ({spec.name!r}): {len(longest)} tokens. Raise data.max_answer_length."
                 )
-        return Example(prompt, answer, self.tasks[i].domain_of(item), spec.aligned, spec.name, item)
+        return [Example(prompt, answer, self.tasks[i].domain_of(item), spec.aligned, spec.name, item)
+                for item, prompt, answer in zip(items, prompts, answers)]  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- loaders
 

@@ -78,6 +78,19 @@ DEFAULT_TASKS: list[TaskSpec] = [
 ]
 
 
+def _distinct(items: list[dict], n: int) -> list[dict]:
+    """The first `n` items whose questions differ (fewer if there are not that many)."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if len(out) == n:
+            break
+        if item["question"] not in seen:
+            seen.add(item["question"])
+            out.append(item)
+    return out
+
+
 class Task:
     """A `TaskSpec` made concrete: knows how to draw its training and validation items."""
 
@@ -97,13 +110,17 @@ class Task:
 
     def split(self, seed: int) -> tuple[list[dict], list[dict]]:
         """Deterministic (train, val) items for this seed; validation questions never appear in train."""
+        # Held-out questions are distinct: a small procedural space (1-2 digit sums) repeats questions, and a
+        # repeated one would count twice in an accuracy that claims val_size prompts.
         if self.spec.path is None:
-            val = self.generate(self.spec.val_size, seed + VAL_SEED_OFFSET) if self.spec.val_size else []
+            n = self.spec.val_size
+            val = _distinct(self.generate(2 * n + 16, seed + VAL_SEED_OFFSET), n) if n else []
             train = self.generate(self.spec.size, seed)
         else:
             rows = list(self.rows())
             random.Random(seed).shuffle(rows)
-            val, train = rows[: self.spec.val_size], rows[self.spec.val_size :][: self.spec.size]
+            val = _distinct(rows, self.spec.val_size)
+            train = rows[: self.spec.size + len(val)]
         held_out = {item["question"] for item in val}
         train = [item for item in train if item["question"] not in held_out]
         if not train:

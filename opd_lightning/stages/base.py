@@ -122,13 +122,12 @@ class PolicyModule(L.LightningModule):
         return load_causal_lm(path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
 
     def setup(self, stage: str) -> None:
-        specs = self.trainer.datamodule.specs
+        data = self.trainer.datamodule
         # A stage is judged on its aligned domains; OOD probe tasks are reported apart, never mixed in.
         # "*" is every aligned prompt: the overall figure, summed across ranks like the others.
-        aligned = sorted({s.domain for s in specs if s.aligned})
-        ood = sorted({f"ood/{s.domain}" for s in specs if not s.aligned})
-        self.val_accuracy = DomainMean(["*", *aligned, *ood])
-        self.val_task_accuracy = DomainMean([s.name for s in specs])
+        ood = [f"ood/{d}" for d in data.ood_domains]
+        self.val_accuracy = DomainMean(["*", *data.aligned_domains, *ood])
+        self.val_task_accuracy = DomainMean([s.name for s in data.specs])
 
     def on_fit_start(self) -> None:
         # the models' configs are known only once configure_model has loaded them
