@@ -67,8 +67,9 @@ class HParamsWithFinalMetrics(L.Callback):
     """At the end of `fit`, record the run's hyper-parameters with its final validation metrics, so
     TensorBoard's HPARAMS view lists every stage's settings next to the accuracy they reached.
 
-    Lightning logs the hyper-parameters at fit start with a placeholder `hp_metric`; the HPARAMS view reads a
-    metric's value from the run's scalars of that tag, so naming the final `val/*` tags here is enough."""
+    The HPARAMS view reads only the first hyper-parameter record of a run, so the logger must not write one at
+    fit start (`default_hp_metric: false` in configs/tiny/defaults.yaml); the metrics are logged at the final
+    step, where the run's own last validation already put them."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -80,4 +81,4 @@ class HParamsWithFinalMetrics(L.Callback):
         if trainer.datamodule is not None:
             params.update({f"data.{k}": v for k, v in trainer.datamodule.hparams.items()})
         params.update(max_steps=trainer.max_steps, global_step=trainer.global_step)
-        trainer.logger.log_hyperparams(params, metrics=metrics)
+        trainer.logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIGS = Path("configs/tiny")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 DEFAULTS = CONFIGS / "defaults.yaml"
 QUICK = CONFIGS / "quick.yaml"
 
@@ -81,9 +83,11 @@ def fit_command(stage: Stage, out: Path, quick: bool) -> list[str]:
     if stage.teachers:
         routes = {d: str(out / t / "hf") for d, t in stage.teachers.items()}
         cmd.append(f"--model.init_args.teachers={json.dumps(routes)}")
-    last = out / "runs" / stage.name / "version_0" / "checkpoints" / "last.ckpt"
-    if last.is_file():  # killed midway: resume, do not restart
-        cmd.append(f"--ckpt_path={last}")
+    run_dir = out / "runs" / stage.name / "version_0"
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():  # killed midway: resume, do not restart
+        cmd.append(f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    elif run_dir.exists():  # killed before its first checkpoint: start over, without the old curves
+        shutil.rmtree(run_dir)
     return cmd
 
 
@@ -98,18 +102,20 @@ def run_stage(i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, flo
     logfile.parent.mkdir(parents=True, exist_ok=True)
     log(f"{tag}: {'resuming' if resuming else 'running'} (log: {logfile})")
     start = time.perf_counter()
-    with open(logfile, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
+    try:
+        with open(logfile, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    finally:  # an interrupted segment still counts (Ctrl-C, SIGTERM); a SIGKILLed pipeline's is lost
+        seconds = time.perf_counter() - start
+        walls[stage.name] = walls.get(stage.name, 0.0) + seconds  # a resumed stage adds its parts
+        (out / "wall_seconds.json").write_text(json.dumps(walls, indent=1))
     if proc.returncode != 0:
         tail = logfile.read_text().splitlines()[-30:]
         log(f"{tag} FAILED after {seconds:.0f} s (exit {proc.returncode}); the end of {logfile}:")
         print("\n".join(tail), file=sys.stderr)
         sys.exit(proc.returncode)
-    walls[stage.name] = walls.get(stage.name, 0.0) + seconds  # a resumed stage adds to its first part
-    (out / "wall_seconds.json").write_text(json.dumps(walls, indent=1))
     log(f"{tag}: done in {seconds:.0f} s{final_accuracy(out, stage.name)}")
 
 
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="toy-size run of every stage (CI smoke test)")
     parser.add_argument("--out", default="artifacts", help="output folder (default: artifacts)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated pipeline still records its times
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -21,14 +21,20 @@ __all__ = ["evaluate_models", "read_scalars", "write_results"]
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar curve of a TensorBoard run: ``{tag: [(step, value), ...]}`` ({} if there is none)."""
+    """Every scalar curve of a TensorBoard run: ``{tag: [(step, value), ...]}`` sorted by step, one value per
+    step ({} if there is none)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not Path(logdir).is_dir():
         return {}
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    curves: dict[str, dict[int, float]] = {}
+    # one event file per process that logged (a resumed run adds one): the later file wins a repeated step
+    for events in sorted(Path(logdir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            curves.setdefault(tag, {}).update((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
 
 
 def _held_out_data(config_args: list[str]):

@@ -360,15 +360,19 @@ def test_cache_is_refused_after_a_teacher_weight_changes_past_the_first_and_last
 
 
 def test_cache_is_refused_after_the_chat_template_changes(tiny_dir, tmp_path):
-    student, cache = tmp_path / "student", tmp_path / "cache"
+    student, teacher, cache = tmp_path / "student", tmp_path / "teacher", tmp_path / "cache"
     shutil.copytree(tiny_dir, student)
-    _cache_run(student, tiny_dir, cache, tmp_path)
-    template = student / "chat_template.jinja"
-    rewrite(template, template.read_bytes() + b"{# edited #}")  # renders the same prompts: only the template
+    shutil.copytree(tiny_dir, teacher)
+    _cache_run(student, teacher, cache, tmp_path)
+    # student and teacher change together (a teacher whose template differs from the student's is refused
+    # earlier, by the tokenizer check); the edit renders the same prompts: only the template differs
+    for model in (student, teacher):
+        template = model / "chat_template.jinja"
+        rewrite(template, template.read_bytes() + b"{# edited #}")
     with pytest.raises(
         ValueError, match=r"other settings \(differing: chat_template, tokenizer\.chat_template\.jinja\)"
     ):
-        _cache_run(student, tiny_dir, cache, tmp_path)
+        _cache_run(student, teacher, cache, tmp_path)
 
 
 def test_a_cache_from_an_older_format_is_refused_saying_so(tmp_path):

@@ -24,14 +24,14 @@ class Record(L.Callback):
         self.batches.append(batch.input_ids.clone())
 
 
-def make(tiny_dir, lr=1e-2, steps=100, **data_kw):
+def make(tiny_dir, lr=1e-2, steps=100, tasks=(MATH,), **data_kw):
     module = SFT(
         model=str(tiny_dir),
         optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
         lr_scheduler=lambda o: WarmupLinearDecay(o, warmup_steps=10, min_ratio=0.1),
     )
     module.eval_config.max_new_tokens = 4
-    data = PromptDataModule(tokenizer=module.tokenizer, tasks=[MATH], train_format="sft", batch_size=64,
+    data = PromptDataModule(tokenizer=module.tokenizer, tasks=list(tasks), train_format="sft", batch_size=64,
                             val_batch_size=40, steps_per_epoch=steps, max_prompt_length=32, max_answer_length=6,
                             **data_kw)
     return module, data
@@ -44,17 +44,19 @@ def trainer(tmp_path, steps, callbacks=(), **kw):
 @pytest.mark.slow
 def test_sft_loss_falls_and_greedy_accuracy_rises(tiny_dir, tmp_path):
     L.seed_everything(0)
-    module, data = make(tiny_dir, steps=200)
+    module, data = make(tiny_dir, steps=300)
     rec = Record()
-    t = trainer(tmp_path, 200, [rec], enable_checkpointing=False, val_check_interval=200)
+    t = trainer(tmp_path, 300, [rec], enable_checkpointing=False, val_check_interval=300)
     before = t.validate(module, datamodule=data, verbose=False)[0]["val/accuracy"]
     t.fit(module, datamodule=data)
     after = t.callback_metrics["val/accuracy"].item()
     first, last = sum(rec.losses[:10]) / 10, sum(rec.losses[-10:]) / 10
     print(f"loss {first:.3f} -> {last:.3f}; accuracy {before:.3f} -> {after:.3f}")
     assert last < 0.5 * first
-    # measured on this CPU build: loss 4.06 -> 1.21, accuracy 0.000 -> 0.087 (1-digit sums and differences)
-    assert before <= 0.03 and after >= 0.06
+    # measured (300 steps): loss 4.05 -> 1.05, held-out accuracy 0.000 -> 0.075. The held-out questions are
+    # never trained on, and the 1-digit space has only ~200, so most of what is learnt is the trained sums:
+    # the loss carries the evidence; accuracy must still leave zero (an untrained model scores 0 here).
+    assert before <= 0.03 and after >= 0.05
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path):
