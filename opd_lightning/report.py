@@ -53,6 +53,9 @@ def evaluate_models(paths: dict[str, Path], config_args: list[str]) -> tuple[dic
     from opd_lightning.models import load_causal_lm, load_tokenizer, stop_token_ids
     from opd_lightning.rollout import generate
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the table
     data, max_new_tokens = _held_out_data(config_args)
     scores = {}
     for name, path in paths.items():

@@ -32,6 +32,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_pipeline_exports_every_stage_and_scores_every_model_in_every_domain(quick_run):
     from transformers import AutoModelForCausalLM
 
@@ -53,6 +54,20 @@ def test_quick_pipeline_exports_every_stage_and_scores_every_model_in_every_doma
     assert "student / expert" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_the_final_table_is_the_students_last_validation(quick_run):
+    """One evaluation path: the table's figure for the student equals the last val/accuracy/<domain> its own
+    run logged on the same held-out prompts (the quick overlay validates the aligned tasks' prompts)."""
+    from opd_lightning.report import read_scalars
+
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    logged = read_scalars(out / "runs" / "student" / "version_0")
+    for domain in pipeline.DOMAINS:
+        assert logged[f"val/accuracy/{domain}"][-1][1] == pytest.approx(results["accuracy"]["student"][domain])
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one_from_its_checkpoint(quick_run, tmp_path):
     out, _ = quick_run
     copy = tmp_path / "copy"

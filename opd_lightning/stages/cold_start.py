@@ -99,8 +99,10 @@ class ColdStart(PolicyModule):
         super().__init__(**kwargs)
         self.sampling = sampling or SamplingConfig()
         self.config = cold_start or ColdStartConfig()
-        self.teachers = TeacherPool(teachers, field="model.init_args.teachers")
-        self.teachers.check_tokenizers(self.tokenizer, trust_remote_code=self.hparams.trust_remote_code)
+        # Cheap and before any weights load: folders exist, tokenizers and chat templates equal the student's.
+        self.teachers = TeacherPool.for_student(
+            teachers, self.tokenizer, trust_remote_code=self.hparams.trust_remote_code
+        )
         self.cache: TeacherSampleCache | None = None  # in cache mode, once fit starts
         self._val_teacher_rows: dict[str, list[dict]] = {}
 
@@ -199,7 +201,7 @@ class ColdStart(PolicyModule):
             batch.prompt_mask,
             batch.domains,
             self.sampling,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.eos_token_ids,  # the student's stop ids; each teacher adds its own
             pad_token_id=self.tokenizer.pad_token_id,
             generator=generator,
             tokenizer=self.tokenizer,
