@@ -67,18 +67,26 @@ class HParamsWithFinalMetrics(L.Callback):
     """At the end of `fit`, record the run's hyper-parameters with its final validation metrics, so
     TensorBoard's HPARAMS view lists every stage's settings next to the accuracy they reached.
 
-    The HPARAMS view reads only the first hyper-parameter record of a run, so the logger must not write one at
-    fit start (`default_hp_metric: false` in configs/tiny/defaults.yaml); the metrics are logged at the final
-    step, where the run's own last validation already put them."""
+    The view reads only a run's first hyper-parameter record (so the logger must not write one at fit start:
+    `default_hp_metric: false` in configs/tiny/defaults.yaml) and takes each metric's value from the run's own
+    scalars of that tag. The record is therefore written here without the metric values that
+    `TensorBoardLogger.log_hyperparams(params, metrics)` would log again as scalars: a second point per curve."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from lightning.pytorch.loggers import TensorBoardLogger
+        from torch.utils.tensorboard.summary import hparams
 
-        if not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger) or not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         params = dict(pl_module.hparams)
         if trainer.datamodule is not None:
             params.update({f"data.{k}": v for k, v in trainer.datamodule.hparams.items()})
         params.update(max_steps=trainer.max_steps, global_step=trainer.global_step)
-        trainer.logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
+        # the flattening and sanitising TensorBoardLogger.log_hyperparams applies, without its log_metrics
+        params = logger._sanitize_params(_flatten_dict(_convert_params(params)))
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(params, metrics):
+            writer.add_summary(summary, trainer.global_step)
