@@ -58,8 +58,8 @@ STAGES = [
     Stage("baseline/sft-merge", "baseline_sft_merge", model="base", teachers=EXPERTS),
     Stage("baseline/mixed-grpo", "baseline_mixed_grpo", model="base"),
 ]
-MODELS = ["base", *EXPERTS.values(), "student", "baseline/sft-merge", "baseline/mixed-grpo"]
-"""The models of the final table, in its order."""
+MODELS = [s.name for s in STAGES if not s.name.endswith("/sft")]
+"""The models of the final table, in stage order: every stage's export but the experts' SFT half-way points."""
 
 
 def log(msg: str) -> None:
@@ -83,12 +83,14 @@ def fit_command(stage: Stage, out: Path, quick: bool) -> list[str]:
     if stage.teachers:
         routes = {d: str(out / t / "hf") for d, t in stage.teachers.items()}
         cmd.append(f"--model.init_args.teachers={json.dumps(routes)}")
-    run_dir = out / "runs" / stage.name / "version_0"
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():  # killed midway: resume, do not restart
-        cmd.append(f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    elif run_dir.exists():  # killed before its first checkpoint: start over, without the old curves
-        shutil.rmtree(run_dir)
+    last = run_dir(out, stage) / "checkpoints" / "last.ckpt"
+    if last.is_file():  # killed midway: resume, do not restart
+        cmd.append(f"--ckpt_path={last}")
     return cmd
+
+
+def run_dir(out: Path, stage: Stage) -> Path:
+    return out / "runs" / stage.name / "version_0"
 
 
 def run_stage(i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, float]) -> None:
@@ -98,6 +100,8 @@ def run_stage(i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, flo
         return
     cmd = fit_command(stage, out, quick)
     resuming = any(c.startswith("--ckpt_path") for c in cmd)
+    if not resuming and run_dir(out, stage).exists():  # killed before its first checkpoint: drop its curves
+        shutil.rmtree(run_dir(out, stage))
     logfile = out / "logs" / f"{stage.name.replace('/', '_')}.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     log(f"{tag}: {'resuming' if resuming else 'running'} (log: {logfile})")
@@ -116,14 +120,14 @@ def run_stage(i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, flo
         log(f"{tag} FAILED after {seconds:.0f} s (exit {proc.returncode}); the end of {logfile}:")
         print("\n".join(tail), file=sys.stderr)
         sys.exit(proc.returncode)
-    log(f"{tag}: done in {seconds:.0f} s{final_accuracy(out, stage.name)}")
+    log(f"{tag}: done in {seconds:.0f} s{final_accuracy(run_dir(out, stage))}")
 
 
-def final_accuracy(out: Path, name: str) -> str:
+def final_accuracy(logdir: Path) -> str:
     """The stage's last logged val/accuracy/<domain>, for the progress line."""
     from opd_lightning.report import read_scalars
 
-    curves = read_scalars(out / "runs" / name / "version_0")
+    curves = read_scalars(logdir)
     last = {t.rsplit("/", 1)[1]: v[-1][1] for t, v in curves.items() if t.startswith("val/accuracy/")}
     return "; val accuracy " + ", ".join(f"{d} {v:.3f}" for d, v in sorted(last.items())) if last else ""
 

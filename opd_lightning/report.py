@@ -50,10 +50,10 @@ def _held_out_data(config_args: list[str]):
 @torch.no_grad()
 def evaluate_models(paths: dict[str, Path], config_args: list[str]) -> tuple[dict[str, dict[str, list[float]]], list]:
     """``{model: {task: [exact 0/1 per held-out prompt]}}`` and the task specs, greedy, for each HF folder."""
+    from transformers.utils import logging as hf_logging
+
     from opd_lightning.models import load_causal_lm, load_tokenizer, stop_token_ids
     from opd_lightning.rollout import generate
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the table
     data, max_new_tokens = _held_out_data(config_args)
