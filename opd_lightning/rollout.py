@@ -32,11 +32,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opd_lightning.metrics import token_entropy
 from opd_lightning.ops import token_logprobs
 
-__all__ = ["Rollout", "SamplingConfig", "completion_logits", "completion_logprobs", "generate"]
+__all__ = ["Rollout", "SamplingConfig", "completion_logits", "completion_logprobs", "generate", "length_groups"]
 
 
 @dataclass
@@ -351,17 +353,114 @@ def generate(
     )
 
 
+def length_groups(prompt_lengths: Tensor, completion_lengths: Tensor, max_groups: int) -> list[Tensor]:
+    """Rows split into at most ``max_groups`` groups of similar length: ``[n]`` lengths -> row-index tensors.
+
+    Why: a batch that mixes short and long prompts pads every row to the longest (the tiny world's
+    math prompts are ~17 tokens, its string prompts ~52), so most of a padded forward is wasted.
+    A forward per group of similar lengths costs far less: on the 1M tiny model, forward + backward
+    of a 64-row SFT batch took 0.42 s padded and 0.27 s in two groups (1 thread, 2026-11).
+
+    The split minimises the tokens forwarded, ``sum_g rows_g * (longest prompt_g + longest completion_g)``,
+    plus :data:`GROUP_OVERHEAD_TOKENS` per extra forward (the per-forward cost measured in tokens), by
+    dynamic programming over the distinct prompt lengths in sorted order (a few dozen): exact for splits
+    along prompt length, and cheap.
+    """
+    n = len(prompt_lengths)
+    if max_groups <= 1 or n <= 1:
+        return [torch.arange(n, device=prompt_lengths.device)]
+    order = torch.argsort(prompt_lengths, stable=True)
+    prompts = prompt_lengths[order].tolist()
+    completions = completion_lengths[order].tolist()
+    # atoms: runs of equal prompt length, as (end row in `order`, prompt length, longest completion)
+    atoms: list[tuple[int, int, int]] = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if atoms and atoms[-1][1] == p:
+            atoms[-1] = (i + 1, p, max(atoms[-1][2], c))
+        else:
+            atoms.append((i + 1, p, c))
+    m = len(atoms)
+
+    def cost(i: int, j: int) -> int:  # one forward over atoms i..j-1
+        rows = atoms[j - 1][0] - (atoms[i - 1][0] if i else 0)
+        return rows * (atoms[j - 1][1] + max(a[2] for a in atoms[i:j])) + GROUP_OVERHEAD_TOKENS
+
+    # best[k][j]: cheapest split of the first j atoms into k + 1 groups; cut[k][j] the start of the last
+    inf = float("inf")
+    best = [[cost(0, j) if j else inf for j in range(m + 1)]]
+    cut = [[0] * (m + 1)]
+    for k in range(1, min(max_groups, m)):
+        row, cuts = [inf] * (m + 1), [0] * (m + 1)
+        for j in range(k + 1, m + 1):
+            for i in range(k, j):
+                value = best[k - 1][i] + cost(i, j)
+                if value < row[j]:
+                    row[j], cuts[j] = value, i
+        best.append(row)
+        cut.append(cuts)
+    k = min(range(len(best)), key=lambda k: best[k][m])
+    ends, j = [], m
+    while k >= 0:
+        ends.append(atoms[j - 1][0])
+        j = cut[k][j]
+        k -= 1
+    bounds = [0, *reversed(ends)]
+    return [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+GROUP_OVERHEAD_TOKENS = 64
+"""What one extra forward costs, in padded tokens: measured on the 1M tiny model (1 thread), a forward +
+backward costs ~5 ms plus ~85 us per token, so a split must save at least ~64 padded tokens to pay."""
+
+MAX_LENGTH_GROUPS = 4
+"""Most forwards :func:`completion_logits` splits a batch into."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def completion_logits(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_length: int
 ) -> Tensor:
     """Teacher-forced logits that predict each completion token: ``[n, C, V]``, in the model's dtype.
 
-    ``input_ids`` / ``attention_mask`` are ``[n, P + C]`` prompt + completion (``Rollout.input_ids``); position
-    ``j`` of the output is the distribution of completion token ``j``. Same position ids as sampling (real
-    tokens only, so left padding does not shift RoPE), hence the same distributions the rollout saw. The one
-    forward rule shared by the policy recompute, the reference and the teachers. Grad mode is the caller's.
+    ``input_ids`` / ``attention_mask`` are ``[n, P + C]`` prompt (left-padded) + completion (right-padded), as in
+    ``Rollout.input_ids``; position ``j`` of the output is the distribution of completion token ``j``. Same
+    position ids as sampling (real tokens only, so left padding does not shift RoPE), hence the same
+    distributions the rollout saw. The one forward rule shared by the policy (SFT, ColdStart, GRPO, OPD),
+    the reference and the teachers. Grad mode is the caller's.
+
+    Rows are forwarded in groups of similar length (:func:`length_groups`), each cut to its own longest
+    prompt and completion: the result is the same, the padding is not computed. Positions past a group's
+    longest completion are masked everywhere and hold zeros. Under data parallelism the batch stays one
+    forward (cut to the batch's own longest prompt and completion): FSDP2 gathers parameters inside each
+    forward, so every rank must run the same number of them.
     """
     c = completion_length
+    if c == 0 or input_ids.shape[0] == 0:
+        return _forward_completion(model, input_ids, attention_mask, c)
+    p = input_ids.shape[1] - c
+    mask = attention_mask.bool()
+    prompt_lengths, completion_lengths = mask[:, :p].sum(1), mask[:, p:].sum(1)
+    groups = length_groups(prompt_lengths, completion_lengths, 1 if _distributed() else MAX_LENGTH_GROUPS)
+    pieces = []
+    for rows in groups:
+        whole = len(groups) == 1
+        pg = int(prompt_lengths[rows].max())
+        cg = max(int(completion_lengths[rows].max()), 1)
+        ids, att = (input_ids, mask) if whole else (input_ids[rows], mask[rows])
+        logits = _forward_completion(model, ids[:, p - pg : p + cg], att[:, p - pg : p + cg], cg)  # [m, cg, V]
+        pieces.append(F.pad(logits, (0, 0, 0, c - cg)) if cg < c else logits)
+    if len(groups) == 1:
+        return pieces[0]
+    order = torch.cat(groups)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(pieces)[inverse]
+
+
+def _forward_completion(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, c: int) -> Tensor:
     attention_mask = attention_mask.long()
     kwargs = {"use_cache": False, "return_dict": True}
     if _accepts(model, "logits_to_keep"):
@@ -382,9 +481,12 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     micro_batch_size: int | None = None,
-) -> Tensor:
+    entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Teacher-forced ``log p(completion token | prefix)`` under ``model``: ``[N, C]`` float32, 0
-    where ``completion_mask`` is False.
+    where ``completion_mask`` is False. With ``entropy``, also the (detached) entropy of
+    ``softmax(logits / temperature)`` at each completion position, ``[N, C]``, 0 where masked: read off
+    the same forward, at no extra one (GRPO logs the policy's entropy on its own samples).
 
     One forward over ``rollout.input_ids`` with the same position ids as sampling, so at
     ``temperature=config.logprob_temperature`` it reproduces ``rollout.logprobs`` for the model
@@ -393,14 +495,20 @@ def completion_logprobs(
     """
     n = rollout.prompt_ids.shape[0]
     c = rollout.completion_ids.shape[1]
+    mask = rollout.completion_mask
     if c == 0:
-        return torch.zeros((n, 0), dtype=torch.float32, device=rollout.completion_ids.device)
+        empty = torch.zeros((n, 0), dtype=torch.float32, device=rollout.completion_ids.device)
+        return (empty, empty) if entropy else empty
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # [N, P + C]
     chunk = micro_batch_size or n
-    pieces = []
+    pieces, entropies = [], []
     for lo in range(0, n, chunk):
         rows = slice(lo, lo + chunk)
         logits = completion_logits(model, input_ids[rows], attention_mask[rows], c)  # [n, C, V]
         pieces.append(token_logprobs(logits, rollout.completion_ids[rows], temperature=temperature))
-    logprobs = torch.cat(pieces, dim=0)
-    return logprobs.masked_fill(~rollout.completion_mask, 0.0)
+        if entropy:
+            entropies.append(token_entropy(logits.detach() / temperature))
+    logprobs = torch.cat(pieces, dim=0).masked_fill(~mask, 0.0)
+    if entropy:
+        return logprobs, torch.cat(entropies, dim=0).masked_fill(~mask, 0.0)
+    return logprobs

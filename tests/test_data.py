@@ -61,10 +61,12 @@ def test_validation_is_held_out_per_task_and_carries_tags(tiny_tokenizer):
 def test_sft_batches_mask_exactly_the_answer_and_eos(tiny_tokenizer):
     dm = make(tiny_tokenizer, train_format="sft", tasks=[MATH])
     batch = next(iter(dm.train_dataloader()))
-    for ids, mask, att in zip(batch.input_ids, batch.loss_mask, batch.attention_mask):
+    assert batch.prompt_mask[:, -1].all() and batch.completion_mask[:, 0].all(), "prompts left-, answers right-padded"
+    for ids, mask, prompt_ids, prompt_mask in zip(batch.completion_ids, batch.completion_mask, batch.prompt_ids,
+                                                  batch.prompt_mask):
         answer = tiny_tokenizer.decode(ids[mask])
         assert answer.endswith("<|im_end|>")
-        prompt = tiny_tokenizer.decode(ids[att & ~mask])
+        prompt = tiny_tokenizer.decode(prompt_ids[prompt_mask])
         assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
     # the answer tokens are what generation would produce after the generation prompt
     ex = dm.train_pools["basic_arithmetic"][0]

@@ -441,3 +441,62 @@ def test_sync_ranks_makes_every_rank_call_forward_equally_often(tmp_path):
         _, unsynced_ids, _, _ = results[rank][False]
         width = unsynced_ids.shape[1]
         assert torch.equal(ids[:, :width], unsynced_ids)  # extra lockstep steps change nothing
+
+
+def _brute_force_cost(groups, prompt_lengths, completion_lengths):
+    from opd_lightning.rollout import GROUP_OVERHEAD_TOKENS
+
+    return sum(len(g) * int(prompt_lengths[g].max() + completion_lengths[g].max()) for g in groups) + (
+        GROUP_OVERHEAD_TOKENS * len(groups)
+    )
+
+
+def test_length_groups_partition_the_rows_at_the_least_padded_cost():
+    from itertools import combinations
+
+    from opd_lightning.rollout import length_groups
+
+    g = torch.Generator().manual_seed(0)
+    # two populations, like the tiny world's ~17-token math and ~52-token string prompts
+    prompts = torch.cat([torch.randint(15, 19, (20,), generator=g), torch.randint(47, 68, (20,), generator=g)])
+    completions = torch.cat([torch.randint(2, 5, (20,), generator=g), torch.randint(6, 27, (20,), generator=g)])
+    perm = torch.randperm(40, generator=g)
+    prompts, completions = prompts[perm], completions[perm]
+    groups = length_groups(prompts, completions, max_groups=3)
+    assert sorted(torch.cat(groups).tolist()) == list(range(40)), "every row exactly once"
+    assert 2 <= len(groups) <= 3
+    # brute force over every split of the rows sorted by prompt length into at most 3 contiguous groups
+    order = torch.argsort(prompts, stable=True)
+    best = min(
+        _brute_force_cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, 40))], prompts, completions)
+        for k in range(3)
+        for cuts in combinations(range(1, 40), k)
+    )
+    assert _brute_force_cost(groups, prompts, completions) == best
+    # one group when asked, and when splitting cannot pay for the extra forward
+    assert [len(x) for x in length_groups(prompts, completions, max_groups=1)] == [40]
+    same = length_groups(torch.full((8,), 20), torch.full((8,), 3), max_groups=4)
+    assert len(same) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_grouped_completion_logits_equal_one_padded_forward(family):
+    """Rows of very different lengths go through several cut-down forwards; the logits at every real
+    completion position are those of the one padded forward over the whole batch."""
+    from opd_lightning.rollout import _forward_completion, completion_logits, length_groups
+
+    model = tiny_model(family=family)
+    prompts, prompt_mask = ragged_prompts(lengths=(40, 3, 38, 2, 39, 4, 41, 3))
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    rollout = generate(model, prompts, prompt_mask, config, eos_token_id=[EOS, 2, 3, 4, 5], pad_token_id=PAD,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    c = rollout.completion_ids.shape[1]
+    mask = rollout.attention_mask
+    assert len(length_groups(mask[:, :-c].sum(1), mask[:, -c:].sum(1), 4)) > 1, "the batch is split"
+    with torch.no_grad():
+        grouped = completion_logits(model, rollout.input_ids, rollout.attention_mask, c)
+        padded = _forward_completion(model, rollout.input_ids, rollout.attention_mask, c)
+    assert grouped.shape == padded.shape
+    m = rollout.completion_mask
+    assert not m.all(), "some rows end early, so some positions are cut"
+    torch.testing.assert_close(grouped[m], padded[m], atol=1e-5, rtol=0)

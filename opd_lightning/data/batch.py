@@ -24,16 +24,31 @@ class PromptBatch:
 
 @dataclass
 class SFTBatch:
-    """Prompt + reference answer, teacher-forced, with the loss on the answer tokens only."""
+    """Prompt + reference answer, teacher-forced, with the loss on the answer tokens only. Laid out as a
+    :class:`~opd_lightning.rollout.Rollout` (prompts left-padded, completions right-padded), so the one
+    teacher-forced forward (``rollout.completion_logits``) serves SFT as it serves RL and distillation."""
 
-    input_ids: Tensor  # [B, T] right-padded
-    attention_mask: Tensor  # [B, T] bool
-    loss_mask: Tensor  # [B, T] bool, True on completion tokens (answer + EOS), aligned with input_ids
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_mask: Tensor  # [B, P] bool
+    completion_ids: Tensor  # [B, C] right-padded: the answer, EOS included
+    completion_mask: Tensor  # [B, C] bool, True on the answer tokens (the loss's targets)
     domains: list[str]  # [B]
     tasks: list[str]  # [B]
 
+    @property
+    def input_ids(self) -> Tensor:  # [B, P + C]
+        import torch
+
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # [B, P + C] bool
+        import torch
+
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.prompt_ids.shape[0]
 
 
 def pad_sequences(seqs: list[list[int]], pad_value: int, side: str, dtype=None) -> Tensor:
@@ -54,15 +69,14 @@ def pad_sequences(seqs: list[list[int]], pad_value: int, side: str, dtype=None) 
 
 def make_sft_batch(prompts: list[list[int]], completions: list[list[int]], domains: list[str], tasks: list[str],
                    pad_token_id: int) -> SFTBatch:
-    """Prompt + completion token lists as one right-padded batch, the loss mask on the completions."""
+    """Prompt + completion token lists as one batch: prompts left-padded, completions right-padded."""
     import torch
 
-    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
     return SFTBatch(
-        input_ids=pad_sequences(seqs, pad_token_id, "right"),
-        attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0, "right", dtype=torch.bool),
-        loss_mask=pad_sequences([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, "right",
-                                dtype=torch.bool),
+        prompt_ids=pad_sequences(prompts, pad_token_id, "left"),
+        prompt_mask=pad_sequences([[1] * len(p) for p in prompts], 0, "left", dtype=torch.bool),
+        completion_ids=pad_sequences(completions, pad_token_id, "right"),
+        completion_mask=pad_sequences([[1] * len(c) for c in completions], 0, "right", dtype=torch.bool),
         domains=list(domains),
         tasks=list(tasks),
     )

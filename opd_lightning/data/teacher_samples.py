@@ -97,7 +97,7 @@ def rows_from_rollout(batch: PromptBatch, rollout: Rollout, teachers: list[str],
 
 
 def collate_rows(rows: list[dict], pad_token_id: int, device) -> SFTBatch:
-    """Prompt + completion rows as one right-padded SFT batch with the loss mask on the completion."""
+    """Prompt + completion rows as one SFT batch (prompts left-, completions right-padded)."""
     batch = make_sft_batch([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows],
                            [r["domain"] for r in rows], [r["task"] for r in rows], pad_token_id)  # fmt: skip
     return move_data_to_device(batch, device)

@@ -168,9 +168,9 @@ class ColdStart(PolicyModule):
         # 2. the student, teacher-forced on prompt + teacher completion; loss on the completion tokens (EOS
         # included). Rejected rows stay in the batch with an empty mask, so every rank runs the same forward.
         samples = collate_rows(rows, self.tokenizer.pad_token_id, self.device)
-        logits = self.policy(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits
-        targets, mask = samples.input_ids[:, 1:], samples.loss_mask[:, 1:] & keep[:, None]
-        loss, metrics = completion_nll(logits[:, :-1], targets, mask, normalizer=self.token_normalizer(mask))
+        mask = samples.completion_mask & keep[:, None]
+        logits = completion_logits(self.policy, samples.input_ids, samples.attention_mask, mask.shape[1])
+        loss, metrics = completion_nll(logits, samples.completion_ids, mask, normalizer=self.token_normalizer(mask))
 
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
@@ -245,13 +245,12 @@ class ColdStart(PolicyModule):
         for lo in range(0, len(self._val_teacher_rows[key]), chunk):
             rows = self._val_teacher_rows[key][lo : lo + chunk]
             samples = collate_rows(rows, self.tokenizer.pad_token_id, self.device)
+            c = samples.completion_ids.shape[1]
             with torch.no_grad():
-                logits = self.policy(
-                    input_ids=samples.input_ids, attention_mask=samples.attention_mask
-                ).logits
+                logits = completion_logits(self.policy, samples.input_ids, samples.attention_mask, c)
             for domain in sorted(set(samples.domains)):
-                mask = samples.loss_mask[:, 1:] & _is(samples.domains, domain, self.device)[:, None]
-                _, metrics = completion_nll(logits[:, :-1], samples.input_ids[:, 1:], mask)
+                mask = samples.completion_mask & _is(samples.domains, domain, self.device)[:, None]
+                _, metrics = completion_nll(logits, samples.completion_ids, mask)
                 m["teacher_sample_nll"].update(metrics["nll"], [domain], mask.sum().float())
             m["teacher_accuracy"].update(torch.tensor([float(r["correct"]) for r in rows]), samples.domains)
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch
 from opd_lightning.losses import group_advantages, grpo_loss
-from opd_lightning.metrics import DomainMean, token_entropy
+from opd_lightning.metrics import DomainMean
 from opd_lightning.models import check_local_path, check_same_tokenizer, load_frozen, load_tokenizer
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logprobs
 from opd_lightning.stages.base import PolicyModule
@@ -239,11 +238,10 @@ class GRPO(PolicyModule):
             order = torch.randperm(len(rollout), generator=shuffle).to(self.device)
             for rows in order.chunk(cfg.num_minibatches):
                 minibatch = rollout.select(rows)
-                # The policy's entropy on its own samples, read off the first pass's forward (no extra one).
-                with entropy.capture(self.policy, minibatch, temperature, active=epoch == 0):
-                    loss, metrics = self.policy_loss(
-                        minibatch, advantages[rows], None if ref_logp is None else ref_logp[rows]
-                    )
+                loss, metrics = self.policy_loss(
+                    minibatch, advantages[rows], None if ref_logp is None else ref_logp[rows],
+                    entropy=entropy if epoch == 0 else None,  # the policy's entropy on its own samples
+                )  # fmt: skip
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 if cfg.max_grad_norm is not None:
@@ -303,14 +301,18 @@ class GRPO(PolicyModule):
         return reward, terms
 
     def policy_loss(
-        self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None
+        self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, entropy: _EntropySum | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """GRPO loss of the current policy on (a minibatch of) a rollout, against its behaviour log-probs."""
+        """GRPO loss of the current policy on (a minibatch of) a rollout, against its behaviour log-probs;
+        adds the policy's token entropies to ``entropy`` when given."""
         cfg = self.config
-        logp = completion_logprobs(
-            self.policy, rollout, temperature=self.sampling.logprob_temperature
-        )  # [n, C]
         mask = rollout.completion_mask
+        temperature = self.sampling.logprob_temperature
+        if entropy is None:
+            logp = completion_logprobs(self.policy, rollout, temperature=temperature)  # [n, C]
+        else:
+            logp, token_entropy = completion_logprobs(self.policy, rollout, temperature=temperature, entropy=True)
+            entropy.add(token_entropy, mask)
         return grpo_loss(
             logp,
             rollout.logprobs,
@@ -342,37 +344,15 @@ def _clock(device: torch.device) -> float:
 
 
 class _EntropySum:
-    """Mean token entropy of the policy's sampling distribution (``softmax(logits / T)``) on its own samples.
-
-    Computed from the logits of the loss forward through a forward hook, so it costs no extra forward.
-    """
+    """Mean token entropy of the policy's sampling distribution (``softmax(logits / T)``) on its own samples,
+    accumulated over the minibatches of the first update pass (read off the loss's forward: no extra one)."""
 
     def __init__(self) -> None:
         self.total, self.count = torch.zeros(()), torch.zeros(())
 
-    @contextmanager
-    def capture(
-        self, model: torch.nn.Module, rollout: Rollout, temperature: float, active: bool
-    ) -> Iterator[None]:
-        if not active:
-            yield
-            return
-        width, chunks = rollout.completion_ids.shape[1], []
-
-        def hook(module, args, output):
-            # the last `width + 1` positions hold the logits of the completion tokens (and one past the end)
-            chunks.append(token_entropy(output.logits[:, -(width + 1) : -1].detach() / temperature))
-
-        handle = model.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-        if chunks and width:
-            mask = rollout.completion_mask
-            entropy = torch.cat(chunks)  # [n, C]
-            self.total = self.total.to(entropy.device) + torch.where(mask, entropy, 0.0).sum()
-            self.count = self.count.to(entropy.device) + mask.sum()
+    def add(self, entropy: Tensor, mask: Tensor) -> None:  # [n, C], 0 where masked
+        self.total = self.total.to(entropy.device) + entropy.sum()
+        self.count = self.count.to(entropy.device) + mask.sum()
 
     def mean(self) -> Tensor:
         return self.total / self.count.clamp(min=1)

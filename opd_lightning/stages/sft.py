@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from opd_lightning.data.batch import SFTBatch
 from opd_lightning.losses import completion_nll
+from opd_lightning.rollout import completion_logits
 from opd_lightning.stages.base import PolicyModule
 
 
@@ -15,10 +16,9 @@ class SFT(PolicyModule):
     train_format = "sft"
 
     def training_step(self, batch: SFTBatch, batch_idx: int):
-        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
-        # position t predicts token t+1; the loss mask marks the answer tokens (and EOS) as targets
-        targets, mask = batch.input_ids[:, 1:], batch.loss_mask[:, 1:]
-        loss, metrics = completion_nll(logits[:, :-1], targets, mask, normalizer=self.token_normalizer(mask))
+        mask = batch.completion_mask  # the answer tokens (and EOS) are the targets
+        logits = completion_logits(self.policy, batch.input_ids, batch.attention_mask, mask.shape[1])  # [B, C, V]
+        loss, metrics = completion_nll(logits, batch.completion_ids, mask, normalizer=self.token_normalizer(mask))
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
