@@ -79,6 +79,7 @@ def fit_command(stage: Stage, out: Path, quick: bool) -> list[str]:
         f"--trainer.logger.init_args.name={stage.name}",
         "--trainer.logger.init_args.version=0",
         "--trainer.enable_progress_bar=false",
+        f"--data.cache_dir={out / 'cache' / 'encoded'}",  # stages share the tokenized prompts
     ]
     if stage.teachers:
         routes = {d: str(out / t / "hf") for d, t in stage.teachers.items()}
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
     eval_start = time.perf_counter()
     base_config = ["--config", str(DEFAULTS), "--config", str(CONFIGS / "base.yaml"),
-                   f"--model.init_args.model={out / 'base' / 'hf'}"]  # fmt: skip
+                   f"--model.init_args.model={out / 'base' / 'hf'}", f"--data.cache_dir={out / 'cache' / 'encoded'}"]  # fmt: skip
     scores, specs = evaluate_models({m: out / m / "hf" for m in MODELS}, base_config)
     walls["evaluation"] = time.perf_counter() - eval_start
     walls_file.write_text(json.dumps(walls, indent=1))

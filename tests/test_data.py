@@ -261,3 +261,31 @@ def test_missing_column_names_the_row_and_the_field_to_set(tmp_path):
     with pytest.raises(ValueError, match=r"line 1 of .* has no column 'question' \(it has \['a', 'q'\]\); set "
                                          r"data.tasks\[0\].question_field"):
         PromptDataModule(tasks=[TaskSpec("qa", "math", path=str(path))])
+
+
+def test_the_encoding_cache_returns_what_encoding_makes_and_keys_on_the_chat_template(tiny_tokenizer, tmp_path,
+                                                                                      monkeypatch):
+    import copy
+
+    from opd_lightning.data import datamodule
+
+    calls = []
+    encode = datamodule.encode_prompts
+    monkeypatch.setattr(datamodule, "encode_prompts", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    fresh = make(tiny_tokenizer, train_format="sft")
+    cached = make(tiny_tokenizer, train_format="sft", cache_dir=str(tmp_path))  # encodes and writes
+    assert len(list(tmp_path.glob("*.pt"))) == 6, "one file per task and split"
+    calls.clear()
+    again = make(tiny_tokenizer, train_format="sft", cache_dir=str(tmp_path))  # reads
+    assert not calls, "a second run with the same inputs encodes nothing"
+    for dm in (cached, again):
+        for task, pool in fresh.train_pools.items():
+            assert [(e.prompt_ids, e.answer_ids) for e in dm.train_pools[task]] == [
+                (e.prompt_ids, e.answer_ids) for e in pool]
+        assert [e.prompt_ids for e in dm.val_examples] == [e.prompt_ids for e in fresh.val_examples]
+    # another chat template makes other prompt tokens: another key, so it is encoded, not read
+    other = copy.deepcopy(tiny_tokenizer)
+    other.chat_template = "Q " + tiny_tokenizer.chat_template
+    changed = make(other, train_format="sft", cache_dir=str(tmp_path))
+    assert len(calls) == 6 and len(list(tmp_path.glob("*.pt"))) == 12
+    assert changed.train_pools["basic_arithmetic"][0].prompt_ids != fresh.train_pools["basic_arithmetic"][0].prompt_ids
