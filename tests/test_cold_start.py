@@ -246,7 +246,7 @@ def test_filter_correct_gives_wrong_teacher_samples_no_loss(tiny_dir, teacher_di
     )
     sampled = []
     sample = module.teacher_rows
-    module.teacher_rows = lambda batch, gen: sampled.append(sample(batch, gen)) or sampled[-1]
+    module.teacher_rows = lambda batch, **kw: sampled.append(sample(batch, **kw)) or sampled[-1]
     rec = Record()
     trainer(tmp_path, 3, [rec]).fit(module, datamodule=data)
     assert len(sampled) == len(rec.steps) == 3

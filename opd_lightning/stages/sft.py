@@ -19,7 +19,7 @@ class SFT(PolicyModule):
         # position t predicts token t+1; the loss mask marks the answer tokens (and EOS) as targets
         targets, mask = batch.input_ids[:, 1:], batch.loss_mask[:, 1:]
         loss, metrics = completion_nll(logits[:, :-1], targets, mask, normalizer=self.token_normalizer(mask))
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_loss(loss)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
         return loss
