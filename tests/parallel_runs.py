@@ -1,8 +1,8 @@
-"""A few training steps of SFT, MultiExpertOPD or ColdStart under one split of the global batch into processes
+"""A few training steps of SFT, MultiExpertOPD, GRPO or ColdStart under one split of the global batch into processes
 and micro-batches, for tests/test_data_parallel.py: it calls `run` in-process for one process, and launches this
 file as two gloo processes (`python -m tests.parallel_runs JOBS OUT`, LOCAL_RANK 0 and 1) for DDP.
 
-A job is a dict: `stage` ("sft", "opd", "cold_start"), `batch_size` (per process and micro-batch),
+A job is a dict: `stage` ("sft", "opd", "grpo", "cold_start"), `batch_size` (per process and micro-batch),
 `accumulate`, `steps` (optimiser steps; 0 = validate only), `validate`, and the model folders.
 
 SGD with momentum, not Adam: the weights are then linear in the gradients, so equal weights mean equal
@@ -23,8 +23,17 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from opd_lightning.data import PromptDataModule, TaskSpec
 from opd_lightning.rollout import SamplingConfig
-from opd_lightning.stages import SFT, ColdStart, ColdStartConfig, MultiExpertOPD, WarmupLinearDecay
-from opd_lightning.stages.opd import DistillConfig
+from opd_lightning.stages import (
+    GRPO,
+    SFT,
+    ColdStart,
+    ColdStartConfig,
+    DistillConfig,
+    GRPOConfig,
+    MultiExpertOPD,
+    RewardTerm,
+    WarmupLinearDecay,
+)
 
 EASY_MATH = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=["+", "-"],
                  allow_parentheses=False, allow_negation=False)  # fmt: skip
@@ -48,6 +57,16 @@ def build(job: dict):
             teachers={"math": job["teachers"][0], "string": job["teachers"][1]},
             distill=DistillConfig(loss="reverse_kl"),
             sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        )
+        tasks, train_format = [MATH, STRING], "prompts"
+    elif stage == "grpo":
+        module = GRPO(
+            model=tiny,
+            sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=4),
+            grpo=GRPOConfig(loss_type="dapo"),  # the token mean with a global normaliser
+            # the untrained model is never right: a length reward gives the groups advantages to learn from
+            shaping=[RewardTerm("opd_lightning.rewards.length_penalty", kwargs={"target_chars": 4})],
             optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         )
         tasks, train_format = [MATH, STRING], "prompts"
@@ -75,7 +94,7 @@ class StepLosses(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+        if pl_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from opd_lightning.models import load_causal_lm
 from tests.parallel_runs import run
 from tests.test_teachers import make_teacher
 
@@ -68,6 +69,7 @@ def test_two_ddp_processes_train_and_validate_like_one_process_with_the_same_glo
     jobs = {
         "sft": job("sft", tiny_dir, teachers, 8, validate=True),  # 2 processes x 8 = the single run's 16
         "opd": job("opd", tiny_dir, teachers, 4),
+        "grpo": job("grpo", tiny_dir, teachers, 4),
         "cold_start": job("cold_start", tiny_dir, teachers, 4, steps=0, validate=True),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
@@ -93,6 +95,12 @@ def test_two_ddp_processes_train_and_validate_like_one_process_with_the_same_glo
         assert ddp["sft"]["val"][key] == pytest.approx(value, abs=1e-6), key
 
     assert_same_training(ddp["opd"], run(job("opd", tiny_dir, teachers, 8), tmp_path / "single-opd"))
+    # GRPO logs each rank's own minibatch figures; its gradients (DAPO's global token mean) must agree
+    single_grpo = run(job("grpo", tiny_dir, teachers, 8), tmp_path / "single-grpo")
+    print(f"GRPO weights max diff {(ddp['grpo']['params'] - single_grpo['params']).abs().max():.2g}")
+    torch.testing.assert_close(ddp["grpo"]["params"], single_grpo["params"], **TOL)
+    initial = torch.cat([p.detach().flatten() for p in load_causal_lm(tiny_dir).parameters()])
+    assert (single_grpo["params"] - initial).abs().max() > 1e-3, "GRPO's steps moved the weights"
 
     # ColdStart's overall diagnostics: with one domain, the overall figure is that domain's (global) figure
     val = ddp["cold_start"]["val"]
