@@ -65,7 +65,8 @@ class ColdStartConfig:
     overlap_k: int = 8
     """k of the top-k overlap between student and teacher logged at validation."""
     seed: int = 0
-    """Seeds teacher sampling (with the batch index and rank) and the order rows are drawn from the cache."""
+    """Seeds teacher sampling (per row of each step's global batch, `opd_lightning.seeding`) and the order rows are
+    drawn from the cache."""
 
     def __post_init__(self) -> None:
         if self.cache_prompts < 1:
