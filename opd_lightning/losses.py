@@ -10,9 +10,9 @@ Conventions shared by every function here:
 * **Precision.** Softmaxes run in at least float32, whatever the input dtype, and losses come back in
   float32 (float64 stays float64, which :func:`torch.autograd.gradcheck` needs).
 * **Normalisation.** A loss is a token mean: the masked sum divided by ``normalizer``, which defaults
-  to the local ``mask.sum()`` (at least 1). Under data parallelism the stage passes the *global*
-  token count divided by the world size, so that after DDP averages gradients each token weighs the
-  same whatever the number of processes (verl ``core_algos.agg_loss``).
+  to the local ``mask.sum()`` (at least 1). In training the stage passes a constant and rescales the
+  gradients by the optimiser step's global token count (``PolicyModule.token_normalizer``), so each token
+  weighs the same whatever the number of processes and micro-batches (verl ``core_algos.agg_loss``).
 * **Return value.** ``(loss, metrics)``: ``metrics`` maps names to detached scalar tensors. Metric
   means are *local* token means (they ignore ``normalizer``) so that they read as the quantity they
   name on any micro-batch.
@@ -74,8 +74,8 @@ def masked_mean(values: Tensor, mask: Tensor, normalizer: Normalizer = None) -> 
     """Token mean ``sum(values[mask]) / normalizer``.
 
     ``normalizer`` defaults to the local ``mask.sum()`` clamped to at least 1, so an empty mask gives
-    0 rather than nan. Pass the global token count divided by the world size under data parallelism
-    (verl ``agg_loss``); it is used as given (no clamping). Values at masked-out positions are never
+    0 rather than nan. A given ``normalizer`` is used as is (no clamping): e.g. a constant whose
+    gradients the caller rescales by a global token count (verl ``agg_loss``). Values at masked-out positions are never
     read, even when they are inf or nan.
     """
     return _token_mean(_masked_sum(values, mask), mask, normalizer)

@@ -176,6 +176,12 @@ class DomainMean(Metric):
             if self.count[i] > 0
         }
 
+    def overall(self) -> Tensor:
+        """The weighted mean over every domain together, synced like ``compute()`` (the states themselves are
+        this process's only: read outside ``compute()`` they would give a rank's own figure)."""
+        with self.sync_context(should_sync=self.sync_on_compute):
+            return (self.total.sum() / self.count.sum().clamp(min=1)).float()
+
     def counts(self) -> dict[str, Tensor]:
         """Summed weights (sample counts when unweighted) of every domain, synced like ``compute()``.
 

@@ -167,17 +167,18 @@ def _filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled
 
 
-def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:  # [N, V] -> [N]
-    """Inverse-CDF draw: one uniform per row. ``torch.multinomial`` draws one exponential per
-    vocabulary entry instead, which on CPU cost 0.75 ms of a ~6 ms decode step (N=32, V=1k) and
-    108 ms vs 5 ms at V=152k."""
+def _sample(probs: Tensor, generator: torch.Generator | None, uniform: Tensor | None = None) -> Tensor:
+    """Inverse-CDF draw: one uniform per row (``uniform [N]`` when given, else from ``generator``).
+    ``torch.multinomial`` draws one exponential per vocabulary entry instead, which on CPU cost
+    0.75 ms of a ~6 ms decode step (N=32, V=1k) and 108 ms vs 5 ms at V=152k."""
     cdf = probs.cumsum(dim=-1)  # [N, V]
     total = cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    else:
+        uniform = uniform.to(probs.dtype)[:, None]
     # Keep u strictly below the total so rounding can never select past the last token.
-    u = torch.minimum(
-        torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total,
-        torch.nextafter(total, torch.zeros_like(total)),
-    )
+    u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     # right=True skips zero-probability tokens: their cdf equals their predecessor's.
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
@@ -221,6 +222,7 @@ def generate(
     pad_token_id: int,
     domains: list[str] | None = None,
     generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
     tokenizer=None,
 ) -> Rollout:
     """Sample ``config.num_samples`` completions for each left-padded prompt.
@@ -243,6 +245,9 @@ def generate(
         pad_token_id: written after a row stops.
         domains: ``[B]`` tags carried to every completion of the prompt; ``""`` when omitted.
         generator: seeds sampling, so the same seed gives the same completions.
+        uniforms: ``[B * num_samples, max_new_tokens]`` in [0, 1), token ``t`` of output row ``i`` drawn
+            with ``uniforms[i, t]`` (:func:`opd_lightning.seeding.row_uniforms`): each row's sample then
+            depends on its own uniforms only, not on the other rows of the batch. Replaces ``generator``.
         tokenizer: needed only for ``config.stop_strings``.
     """
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -266,6 +271,10 @@ def generate(
     prompt_mask = prompt_mask.repeat_interleave(g, dim=0)  # [N, P]
     domains_out = [d for d in (domains or [""] * batch) for _ in range(g)]
     n, p, c_max = prompt_ids.shape[0], prompt_ids.shape[1], config.max_new_tokens
+    if uniforms is not None and tuple(uniforms.shape) != (n, c_max):
+        raise ValueError(
+            f"uniforms must be [B * num_samples, max_new_tokens] = {[n, c_max]}, got {list(uniforms.shape)}"
+        )
 
     # An empty list is allowed and never stops a row (benchmarks use it for fixed-length output).
     eos = torch.as_tensor(
@@ -321,7 +330,7 @@ def generate(
                     if filtering
                     else logp.exp()
                 )
-                token = _sample(probs, generator)
+                token = _sample(probs, generator, None if uniforms is None else uniforms[:, t])
             running = ~done
             token_lp = logp.gather(1, token[:, None]).squeeze(1)
             out_ids[:, t] = token.masked_fill(done, pad_token_id)

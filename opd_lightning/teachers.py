@@ -289,6 +289,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
         eos_token_id: int | list[int],
         pad_token_id: int,
         generator: torch.Generator | None = None,
+        uniforms: Tensor | None = None,
         tokenizer=None,
     ) -> Rollout:
         """Completions sampled by each prompt's routed teacher, as one :class:`Rollout` in prompt order.
@@ -306,6 +307,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
         parts = []
         for name, rows in self.rows(domains, prompt_ids.device).items():
             model = self.models[name]
+            out_rows = (rows[:, None] * g + torch.arange(g, device=rows.device)).reshape(-1)  # [n_t * G]
             part = generate(
                 model,
                 prompt_ids[rows],
@@ -315,9 +317,10 @@ class TeacherPool(TeacherRoutes, nn.Module):
                 pad_token_id=pad_token_id,
                 domains=[domains[i] for i in rows.tolist()],
                 generator=generator,
+                # each output row keeps its own uniforms, so routing does not change what a row draws
+                uniforms=None if uniforms is None else uniforms[out_rows],
                 tokenizer=tokenizer,
             )
-            out_rows = (rows[:, None] * g + torch.arange(g, device=rows.device)).reshape(-1)  # [n_t * G]
             parts.append((out_rows, part))
         n, c = prompt_ids.shape[0] * g, max(part.completion_ids.shape[1] for _, part in parts)
         device = prompt_ids.device

@@ -20,6 +20,7 @@ from opd_lightning.models import build_tiny_model, build_tiny_tokenizer, load_to
 from opd_lightning.rollout import SamplingConfig
 from opd_lightning.stages import SFT, ColdStart, ColdStartConfig, WarmupLinearDecay
 from tests.conftest import EASY_MATH, cpu_trainer
+from tests.test_teachers import make_teacher
 
 MATH = TaskSpec("basic_arithmetic", "math", config=EASY_MATH, size=2000, val_size=40)
 STRING = TaskSpec(
@@ -246,7 +247,7 @@ def test_filter_correct_gives_wrong_teacher_samples_no_loss(tiny_dir, teacher_di
     )
     sampled = []
     sample = module.teacher_rows
-    module.teacher_rows = lambda batch, gen: sampled.append(sample(batch, gen)) or sampled[-1]
+    module.teacher_rows = lambda batch, **kw: sampled.append(sample(batch, **kw)) or sampled[-1]
     rec = Record()
     trainer(tmp_path, 3, [rec]).fit(module, datamodule=data)
     assert len(sampled) == len(rec.steps) == 3
@@ -318,6 +319,30 @@ def test_resumed_cached_run_draws_the_same_rows_and_ends_with_the_same_weights(
         k.startswith("teachers.")
         for k in torch.load(tmp_path / "interrupted" / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     )
+    torch.testing.assert_close(params(straight), params(resumed), rtol=0, atol=1e-6)
+
+
+def test_resumed_on_the_fly_run_samples_the_same_rows_and_ends_with_the_same_weights(tiny_dir, tmp_path):
+    teacher = make_teacher(tiny_dir, tmp_path / "teacher", seed=1)
+
+    def run(steps, root, ckpt_path=None):
+        L.seed_everything(0)
+        module, data = make(tiny_dir, {"math": teacher}, batch_size=4, steps_per_epoch=10)
+        drawn, rec = spy_on_samples(module), Record()
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+        # weights_only=False: built in Python (not by the CLI), the hparams hold config dataclasses
+        trainer(root, steps, [ckpt, rec], enable_checkpointing=True).fit(
+            module, datamodule=data, ckpt_path=ckpt_path, weights_only=False
+        )
+        return module, drawn, [step["train/loss"] for step in rec.steps]
+
+    straight, drawn_straight, losses_straight = run(5, tmp_path / "straight")
+    run(2, tmp_path / "interrupted")
+    resumed, drawn_resumed, losses_resumed = run(
+        5, tmp_path / "interrupted", str(tmp_path / "interrupted" / "ckpt" / "last.ckpt")
+    )
+    assert drawn_resumed == drawn_straight[2:], "the teachers sample the same completions after resuming"
+    assert losses_resumed == pytest.approx(losses_straight[2:], abs=1e-6)
     torch.testing.assert_close(params(straight), params(resumed), rtol=0, atol=1e-6)
 
 

@@ -1,4 +1,5 @@
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,6 +81,41 @@ def test_resumed_loader_continues_the_stream_where_it_stopped(tiny_tokenizer):
     resumed.load_state_dict({"batches_processed": 4})
     rest = [b.prompt_ids for b in resumed]
     assert len(rest) == 6 and all(torch.equal(x, y) for x, y in zip(rest, full[4:]))
+
+
+def step_questions(dm, step, batch_size, world, accumulate):
+    """The questions of optimiser step `step`, micro-batch by micro-batch and rank by rank, in the order of the
+    global batch (slice j * world + r), read through each rank's own train loader."""
+    dm.batch_size, questions = batch_size, []
+    loaders = []
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, accumulate_grad_batches=accumulate)
+        loaders.append(dm.train_dataloader())
+        loaders[-1].load_state_dict({"batches_processed": step * accumulate})
+    iters = [iter(loader) for loader in loaders]
+    for _ in range(accumulate):
+        for it in iters:
+            questions += [entry["question"] for entry in next(it).entries]
+    return questions
+
+
+def test_a_steps_global_batch_is_the_same_at_any_split_into_processes_and_micro_batches(tiny_tokenizer):
+    dm = make(tiny_tokenizer, ood_ratio=0.25, steps_per_epoch=12)
+    for step in range(3):
+        one = step_questions(dm, step, 16, world=1, accumulate=1)
+        assert len(one) == 16
+        assert one == step_questions(dm, step, 8, world=2, accumulate=1)  # 2 processes x 8
+        assert one == step_questions(dm, step, 8, world=1, accumulate=2)  # 1 process x 8 x accumulation 2
+        assert one == step_questions(dm, step, 4, world=2, accumulate=2)
+    assert step_questions(dm, 0, 16, 1, 1) != step_questions(dm, 1, 16, 1, 1)
+
+
+def test_steps_per_epoch_must_be_a_multiple_of_the_accumulation(tiny_tokenizer):
+    dm = make(tiny_tokenizer, steps_per_epoch=5)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"data.steps_per_epoch=5 is not a multiple of "
+                                         r"trainer.accumulate_grad_batches=2; make it one \(e.g. 4\)"):
+        dm.setup("fit")
 
 
 def test_jsonl_source_reads_local_rows(tiny_tokenizer, tmp_path):

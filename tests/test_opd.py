@@ -14,6 +14,7 @@ from opd_lightning.losses import masked_mean
 from opd_lightning.models import load_causal_lm, load_tokenizer
 from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+from opd_lightning.stages import WarmupLinearDecay
 from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss
 from opd_lightning.teachers import TeacherScores
 from tests.conftest import EASY_MATH, cpu_trainer
@@ -371,6 +372,40 @@ def test_group_normalised_task_reward_needs_several_samples_per_prompt(tiny_dir,
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, teachers, tmp_path):
+    """Data position, per-row rollout seeds, GKD's coin, LR schedule and optimiser state all come back: the
+    resumed run logs the same losses and ends with the same weights (fp32 CPU, within 1e-6)."""
+
+    def run(steps, root, ckpt_path=None):
+        L.seed_everything(0)
+        # half the steps off-policy (teacher samples), with gradient accumulation: every stream is exercised
+        module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, batch_size=4, steps=10,
+                            off_policy_ratio=0.5)  # fmt: skip
+        # total_steps said here: by default it is max_steps, which the interrupted run sets lower
+        module.lr_scheduler = lambda o: WarmupLinearDecay(o, warmup_steps=2, total_steps=6, min_ratio=0.1)
+        rec = Record()
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+        fit(module, data, steps, root, [rec, ckpt], ckpt_path=ckpt_path, enable_checkpointing=True,
+            accumulate_grad_batches=2)  # fmt: skip
+        return module, rec
+
+    straight, rec_straight = run(6, tmp_path / "straight")
+    run(4, tmp_path / "interrupted")
+    resumed, rec_resumed = run(6, tmp_path / "interrupted", str(tmp_path / "interrupted" / "ckpt" / "last.ckpt"))
+    # micro-batches 8..11 of the straight run
+    assert len(rec_resumed.rows) == 4
+    assert {r["train/off_policy"] for r in rec_straight.rows} == {0.0, 1.0}, "both kinds of steps ran"
+    for key in ("train/off_policy", "train/completion_length", "train/full_reverse_kl"):
+        assert [r[key] for r in rec_resumed.rows] == pytest.approx([r[key] for r in rec_straight.rows[8:]],
+                                                                   abs=1e-6), key  # fmt: skip
+    # train/loss is the step's token mean, logged with its last micro-batch
+    assert [r["train/loss"] for r in rec_resumed.rows[1::2]] == pytest.approx(
+        [r["train/loss"] for r in rec_straight.rows[9::2]], abs=1e-6
+    )
+    for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 
 def test_checkpoints_leave_out_teacher_weights_and_resume(tiny_dir, teachers, tmp_path):

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logprobs, generate
+from opd_lightning.seeding import row_uniforms
 
 VOCAB, PAD, EOS = 300, 0, 1
 # fp32 round-off between one decode step and the teacher-forced forward is ~1e-6 here.
@@ -216,6 +217,24 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ():
     assert torch.equal(first.completion_ids, again.completion_ids)
     assert torch.equal(first.logprobs, again.logprobs)
     assert not torch.equal(first.completion_ids, other.completion_ids)
+
+
+def test_per_row_uniforms_give_a_row_the_same_sample_in_any_batch():
+    # what makes rollouts independent of how a step's rows are split over processes and micro-batches
+    model = tiny_model()
+    ids, mask = ragged_prompts()
+    config = SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=2)
+    uniforms = row_uniforms(0, "test", 0, range(8), 16)  # [B * G, C]
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD)
+    whole = generate(model, ids, mask, config, uniforms=uniforms, **kw)
+    for rows in (slice(0, 2), slice(2, 4)):  # prompts 0-1 and 2-3, each with their own 4 rows of uniforms
+        part = generate(model, ids[rows], mask[rows], config, uniforms=uniforms[rows.start * 2 : rows.stop * 2], **kw)
+        c = part.completion_ids.shape[1]
+        assert torch.equal(whole.completion_ids[rows.start * 2 : rows.stop * 2, :c], part.completion_ids)
+        torch.testing.assert_close(whole.logprobs[rows.start * 2 : rows.stop * 2, :c], part.logprobs, rtol=0, atol=1e-5)
+    assert not torch.equal(whole.completion_ids[0], whole.completion_ids[1]), "a group's rows differ"
+    with pytest.raises(ValueError, match=r"uniforms must be \[B \* num_samples, max_new_tokens\] = \[8, 16\]"):
+        generate(model, ids, mask, config, uniforms=uniforms[:, :4], **kw)
 
 
 def test_eos_rows_are_masked_after_eos_and_padded():

@@ -20,7 +20,7 @@ class Record(L.Callback):
         self.losses, self.batches = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))  # the step's token mean
         self.batches.append(batch.input_ids.clone())
 
 
@@ -76,6 +76,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_dir, tmp_path)
                                root=tmp_path / "interrupted")
     assert len(rec_resumed.batches) == 2, "only the remaining steps run"
     assert all(torch.equal(a, b) for a, b in zip(rec_resumed.batches, rec_straight.batches[6:])), "data position"
+    assert rec_resumed.losses == pytest.approx(rec_straight.losses[6:], abs=1e-6)
     for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)  # optimiser + scheduler state restored
 

@@ -12,6 +12,7 @@ import torch
 from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
 from opd_lightning.ops import support_logprobs
 from opd_lightning.rollout import SamplingConfig, completion_logits, completion_logprobs, generate
+from opd_lightning.seeding import row_uniforms
 from opd_lightning.teachers import TeacherPool
 
 
@@ -197,6 +198,22 @@ def test_teacher_sampling_gives_each_prompt_its_routed_teachers_completion(teach
         torch.testing.assert_close(mixed.logprobs[out_rows, :c], alone.logprobs)
     # the behaviour log-probs are the teachers': scoring the samples reproduces them
     torch.testing.assert_close(pool.score(mixed).logprobs, mixed.logprobs, rtol=0, atol=1e-4)
+
+
+def test_routed_teacher_sampling_keeps_each_rows_uniforms(teachers, rollout, tiny_tokenizer):
+    # a row's sample must not depend on which other rows its teacher samples with it (ColdStart, GKD)
+    a, b = teachers
+    pool = loaded_pool({"math": a, "string": b, "default": b})
+    config = SamplingConfig(max_new_tokens=5, temperature=1.0, num_samples=2)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    uniforms = row_uniforms(0, "test", 0, range(12), 5)
+    mixed = pool.generate(rollout.prompt_ids, rollout.prompt_mask, rollout.domains, config, uniforms=uniforms, **kw)
+    for name, teacher in (("math", a), ("string+default", b)):
+        rows = pool.rows(rollout.domains)[name]
+        out_rows = (rows[:, None] * 2 + torch.arange(2)).reshape(-1)
+        alone = generate(load_causal_lm(teacher), rollout.prompt_ids[rows], rollout.prompt_mask[rows], config,
+                         uniforms=uniforms[out_rows], **kw)  # fmt: skip
+        assert torch.equal(mixed.completion_ids[out_rows, : alone.completion_ids.shape[1]], alone.completion_ids)
 
 
 def test_domains_whose_safe_names_collide_keep_their_own_teachers(teachers, rollout):

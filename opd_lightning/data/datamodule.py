@@ -1,9 +1,11 @@
 """The one `PromptDataModule` every stage shares.
 
 Training batches mix the teacher-aligned pool (weighted by domain) with a fixed share `ood_ratio` of
-out-of-distribution prompts, which is the recipe's guard against entropy collapse in OPD. Batch `g` of the
-run is drawn from a generator seeded by `(seed, g, rank)`, so the stream is deterministic, different on each
-data-parallel rank, and resumable at any step without replaying it. Validation keeps one held-out set per task.
+out-of-distribution prompts, which is the recipe's guard against entropy collapse in OPD. The global batch of
+optimiser step `s` (`batch_size × world size × accumulate_grad_batches` prompts) is drawn from a generator seeded
+by `(seed, s)` alone; each (micro-batch, rank) takes its slice. So the stream is deterministic, resumable at any
+step without replaying it, and the same rows make up a step whether they are spread over processes or
+micro-batches. Validation keeps one held-out set per task.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from opd_lightning.data.batch import PromptBatch, SFTBatch, make_sft_batch, pad_sequences
 from opd_lightning.data.tasks import DEFAULT_TASKS, TaskSpec, build_task
+from opd_lightning.seeding import make_generator
 
 ENCODING_CACHE_FORMAT = 1
 """Bumped whenever the encoding itself changes, so no cache from older code is read."""
@@ -113,8 +116,8 @@ class MixtureSampler:
     domain, then a uniform item of that task and domain; finally shuffled, so position carries no signal."""
 
     def __init__(self, pools: dict[str, list[Example]], specs: list[TaskSpec], domain_weights: dict[str, float],
-                 ood_ratio: float, batch_size: int, seed: int):
-        self.batch_size, self.seed, self.ood_ratio = batch_size, seed, ood_ratio
+                 ood_ratio: float, seed: int):
+        self.seed, self.ood_ratio = seed, ood_ratio
         self.domains = sorted(domain_weights)
         self.domain_probs = torch.tensor([domain_weights[d] for d in self.domains], dtype=torch.float64)
         # per domain: the (task, domain) sub-pools with their task weights; a task whose rows carry several
@@ -137,15 +140,16 @@ class MixtureSampler:
             )
         return [pool for _, pool in kept], torch.tensor([w for w, _ in kept], dtype=torch.float64)
 
-    def batch(self, g: int, rank: int = 0) -> list[Example]:
-        # a distinct, reproducible stream per (seed, batch, rank): random access makes resuming free
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + g) * 1_009 + rank)
+    def batch(self, step: int, size: int) -> list[Example]:
+        """The `size` items of optimiser step `step`: a function of (seed, step) only, so random access makes
+        resuming free and every decomposition of the step into ranks and micro-batches slices the same rows."""
+        gen = make_generator(self.seed, "data", step)
         # stochastic rounding keeps the OOD share exact in expectation for any batch size
-        n_ood = math.floor(self.ood_ratio * self.batch_size)
-        n_ood += int(torch.rand((), generator=gen) < self.ood_ratio * self.batch_size - n_ood)
+        n_ood = math.floor(self.ood_ratio * size)
+        n_ood += int(torch.rand((), generator=gen) < self.ood_ratio * size - n_ood)
         picks = [self._pick(*self.ood, gen) for _ in range(n_ood)]
-        if n_ood < self.batch_size:  # ood_ratio 1 (or rounding up to the whole batch) leaves no aligned slot
-            domains = torch.multinomial(self.domain_probs, self.batch_size - n_ood, replacement=True, generator=gen)
+        if n_ood < size:  # ood_ratio 1 (or rounding up to the whole batch) leaves no aligned slot
+            domains = torch.multinomial(self.domain_probs, size - n_ood, replacement=True, generator=gen)
             picks += [self._pick(*self.aligned[self.domains[d]], gen) for d in domains.tolist()]
         # OOD items are drawn first; without the shuffle they would always lead the batch
         return [picks[i] for i in torch.randperm(len(picks), generator=gen).tolist()]
@@ -156,12 +160,41 @@ class MixtureSampler:
         return pool[torch.randint(len(pool), (), generator=gen).item()]
 
 
-class _MixtureStream(IterableDataset):
-    """Yields whole collated batches; `len` is one epoch. A cursor counts batches since the run started."""
+@dataclass(frozen=True)
+class BatchLayout:
+    """How an optimiser step's global batch is split: `accumulate` micro-batches on each of `world` ranks, each
+    `batch_size` rows (data.batch_size, per process and micro-batch, as in Lightning and TRL). Micro-batch `j` of
+    rank `r` holds rows `[(j * world + r) * batch_size, ... + batch_size)` of the global batch."""
 
-    def __init__(self, sampler: MixtureSampler, collate: Callable, steps_per_epoch: int, rank: int):
-        self.sampler, self.collate, self.steps, self.rank = sampler, collate, steps_per_epoch, rank
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+    accumulate: int = 1
+
+    @property
+    def global_size(self) -> int:
+        return self.batch_size * self.world * self.accumulate
+
+    def position(self, cursor: int) -> tuple[int, int]:
+        """(optimiser step, index of its first row in that step's global batch) of this rank's micro-batch
+        `cursor` (micro-batches since the run started, the loader's resumable count)."""
+        step, micro = divmod(cursor, self.accumulate)
+        return step, (micro * self.world + self.rank) * self.batch_size
+
+
+class _MixtureStream(IterableDataset):
+    """Yields whole collated batches; `len` is one epoch. A cursor counts micro-batches since the run started."""
+
+    def __init__(self, sampler: MixtureSampler, collate: Callable, steps_per_epoch: int, layout: BatchLayout):
+        self.sampler, self.collate, self.steps, self.layout = sampler, collate, steps_per_epoch, layout
         self.cursor = 0
+        self._drawn: tuple[int, list[Example]] | None = None  # the last global batch, reused by its micro-batches
+
+    def micro_batch(self, cursor: int) -> list[Example]:
+        step, first = self.layout.position(cursor)
+        if self._drawn is None or self._drawn[0] != step:
+            self._drawn = (step, self.sampler.batch(step, self.layout.global_size))
+        return self._drawn[1][first : first + self.layout.batch_size]
 
     def __len__(self) -> int:
         return self.steps
@@ -170,7 +203,7 @@ class _MixtureStream(IterableDataset):
         # an epoch ends on the next multiple of steps_per_epoch, so a run resumed mid-epoch finishes it
         end = (self.cursor // self.steps + 1) * self.steps
         while self.cursor < end:
-            batch = self.collate(self.sampler.batch(self.cursor, self.rank))
+            batch = self.collate(self.micro_batch(self.cursor))
             self.cursor += 1
             yield batch
 
@@ -218,9 +251,11 @@ class PromptDataModule(L.LightningDataModule):
             tasks: prompt sources with their domain tags and aligned/OOD flags (default: the tiny world's tasks).
             domain_weights: sampling weight of each aligned domain (default: uniform over aligned domains).
             ood_ratio: share of every training batch drawn from the OOD tasks (`aligned: false`).
-            batch_size: prompts (or SFT examples) per training batch, per process.
+            batch_size: prompts (or SFT examples) per training micro-batch, per process: an optimiser step
+                takes batch_size × processes × trainer.accumulate_grad_batches of them.
             val_batch_size: prompts per validation batch.
-            steps_per_epoch: training batches per epoch: sets the cadence of validation and epoch-end hooks.
+            steps_per_epoch: training (micro-)batches per epoch: sets the cadence of validation and epoch-end
+                hooks; a multiple of trainer.accumulate_grad_batches.
             max_prompt_length: longest allowed prompt in tokens (chat template included); longer is an error.
             max_answer_length: longest allowed reference answer in tokens (SFT), EOS included.
             system_prompt: optional system message prepended to every prompt (real chat models).
@@ -287,6 +322,7 @@ class PromptDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------- setup
 
     def setup(self, stage: str | None = None) -> None:
+        self.layout()  # a step split the stream cannot follow fails now, before any data or model loads
         if self.train_pools:
             return
         if self.tokenizer is None:
@@ -300,8 +336,7 @@ class PromptDataModule(L.LightningDataModule):
             train, val = task.split(self.seed + zlib.crc32(spec.name.encode()))
             self.train_pools[spec.name] = self._encode(spec, train, i)
             self.val_examples += self._encode(spec, val, i)
-        self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
-                                      self.batch_size, self.seed)
+        self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio, self.seed)
 
     def _encode(self, spec: TaskSpec, items: list[dict], i: int) -> list[Example]:
         prompts, answers = self._encoded(items)
@@ -351,12 +386,27 @@ class PromptDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------- loaders
 
+    def layout(self) -> BatchLayout:
+        """This process's share of every optimiser step's global batch (the trainer's ranks and accumulation)."""
+        trainer = self.trainer
+        if trainer is None:
+            return BatchLayout(self.batch_size)
+        layout = BatchLayout(self.batch_size, trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches)
+        if self.steps_per_epoch % layout.accumulate:
+            # Lightning steps the optimiser at an epoch's end whatever it has accumulated: a short step would
+            # shift every later step's rows off the data stream's steps
+            raise ValueError(
+                f"data.steps_per_epoch={self.steps_per_epoch} is not a multiple of "
+                f"trainer.accumulate_grad_batches={layout.accumulate}; make it one (e.g. "
+                f"{self.steps_per_epoch // layout.accumulate * layout.accumulate or layout.accumulate})"
+            )
+        return layout
+
     def train_dataloader(self) -> DataLoader:
         collate = self.collate_sft if self.train_format == "sft" else self.collate_prompts
         trainer = self.trainer
-        rank = trainer.global_rank if trainer is not None else 0
         processed = (lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed) if trainer else None
-        return ResumableLoader(_MixtureStream(self.sampler, collate, self.steps_per_epoch, rank), processed)
+        return ResumableLoader(_MixtureStream(self.sampler, collate, self.steps_per_epoch, self.layout()), processed)
 
     def val_dataloader(self) -> DataLoader:
         # validation is by generation on prompts; every rank takes its own slice (Lightning's distributed

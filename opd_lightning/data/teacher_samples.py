@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch, SFTBatch, make_sft_batch
 from opd_lightning.rollout import Rollout, SamplingConfig
+from opd_lightning.seeding import make_generator
 
 if TYPE_CHECKING:
     from opd_lightning.data.datamodule import PromptDataModule
@@ -49,8 +50,9 @@ __all__ = [
 ]
 
 CACHE_META = "cold_start_meta.json"
-CACHE_FORMAT = 2
-"""2: a `correct` column; teachers fingerprinted by whole weight files; tokenizer files and chat template."""
+CACHE_FORMAT = 3
+"""2: a `correct` column; teachers fingerprinted by whole weight files; tokenizer files and chat template.
+3: samples seeded per row of the stream (`seeding.row_uniforms`), rows read in a `seeding` permutation."""
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -309,7 +311,7 @@ class TeacherSampleCache:
         for position in range(start, start + count):
             epoch, i = divmod(position, n)
             if self._permutation is None or self._permutation[0] != epoch:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                gen = make_generator(self.seed, "cache_order", epoch)
                 self._permutation = (epoch, torch.randperm(n, generator=gen))
             ids.append(int(self.kept[self._permutation[1][i]]))
         columns = self.data[ids]

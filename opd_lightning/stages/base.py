@@ -20,6 +20,7 @@ from opd_lightning.evaluation import greedy_exact
 from opd_lightning.metrics import DomainMean
 from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from opd_lightning.rollout import SamplingConfig, generate
+from opd_lightning.seeding import row_uniforms
 
 
 @dataclass
@@ -132,6 +133,10 @@ class PolicyModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # the models' configs are known only once configure_model has loaded them
         self._check_context(self.trainer.datamodule)
+        # any constant cancels in the rescale (see token_normalizer); the most tokens a micro-batch of one
+        # sample per prompt holds keeps the loss of order 1 (a raw token sum can overflow fp16 loss scaling)
+        self._loss_scale = float(self.trainer.datamodule.batch_size * self.max_new_tokens())
+        self._reset_step_totals()
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         """``YAML field -> model`` for every loaded frozen model (teachers, reference) under `frozen_modules`;
@@ -196,22 +201,74 @@ class PolicyModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------- mechanics
 
-    def token_normalizer(self, mask: torch.Tensor) -> torch.Tensor:
-        """Per-process share of the global token count, so a token-mean loss averaged by DDP over ranks
-        equals the mean over all tokens of all ranks (verl's `agg_loss` rule)."""
-        count = mask.sum().float()
-        if self.trainer.world_size > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="sum") / self.trainer.world_size
-        return count.clamp(min=1.0)
+    # A token-mean loss must weigh every token of the optimiser step alike, whether the step's global batch is
+    # spread over processes or micro-batches (verl's `agg_loss` rule). Its denominator, the step's token count,
+    # is not known when a micro-batch's backward runs: completion lengths exist only after sampling (OPD,
+    # ColdStart on the fly), and later micro-batches are not even drawn yet. So a stage's loss is the token SUM
+    # over a fixed constant (`token_normalizer`), and `on_before_optimizer_step`, which Lightning calls once
+    # the step's last backward is done and before clipping, rescales the gradients by the step's global token
+    # count, all-reduced once. That also undoes Lightning's 1 / accumulate_grad_batches and DDP's (and FSDP's)
+    # 1 / world_size averaging. Losses stay pure functions of their `normalizer`; a stage hands its loss to
+    # `log_loss`, which logs the step's token mean.
+    # Manual optimisation (GRPO) steps inside training_step and normalises each of its updates itself.
 
-    def sample(self, policy, batch: PromptBatch, config: SamplingConfig, generator=None):
+    def token_normalizer(self, mask: torch.Tensor) -> float:
+        """The `normalizer` of a token-mean loss over `mask`'s tokens (call once per loss): a constant of the
+        run, with the tokens counted towards the optimiser step's global count (see the note above)."""
+        self._step_tokens += mask.sum().detach().to(self._step_tokens)
+        return self._loss_scale
+
+    def _reset_step_totals(self) -> None:
+        # the step's loss sum and token count, local to this process until on_before_optimizer_step
+        self._step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._step_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def log_loss(self, loss: torch.Tensor) -> None:
+        """Record a loss normalised by `token_normalizer`: `train/loss` is logged at the optimiser step, as the
+        token mean over all of its micro-batches and ranks."""
+        self._step_loss += loss.detach().to(self._step_loss) * self._loss_scale
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.automatic_optimization:
+            return
+        totals = torch.stack([self._step_loss, self._step_tokens])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, tokens = totals.tolist()
+        self._reset_step_totals()
+        tokens = max(tokens, 1.0)  # a step with no loss token (all filtered out) has zero gradients anyway
+        scale = self._loss_scale * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        # the token mean over the whole step: every micro-batch and rank
+        self.log("train/loss", loss_sum / tokens, prog_bar=True)
+
+    def batch_position(self, cursor: int | None = None) -> tuple[int, int]:
+        """(optimiser step, index of its first row in the step's global batch) of this rank's training
+        micro-batch `cursor` (counted since the run started; default: the one in training now)."""
+        if cursor is None:
+            cursor = self.trainer.fit_loop.total_batch_idx  # restored on resume, like the loader's cursor
+        return self.trainer.datamodule.layout().position(cursor)
+
+    def rollout_uniforms(self, seed: int, purpose: str, prompts: int, config: SamplingConfig, cursor=None):
+        """The sampling uniforms of micro-batch `cursor`'s `prompts × num_samples` rollout rows, each seeded by its
+        global row in the optimiser step (`seeding.row_uniforms`): the same samples at any decomposition."""
+        if config.greedy:
+            return None
+        step, first = self.batch_position(cursor)
+        g = config.num_samples
+        rows = range(first * g, (first + prompts) * g)
+        return row_uniforms(seed, purpose, step, rows, config.max_new_tokens, self.device)
+
+    def sample(self, policy, batch: PromptBatch, config: SamplingConfig, generator=None, uniforms=None):
         """Roll out `policy` on the batch's prompts, in lockstep across ranks when data-parallel."""
         if self.trainer.world_size > 1 and not config.sync_ranks:
             config = SamplingConfig(**{**config.__dict__, "sync_ranks": True})
         return generate(
             policy, batch.prompt_ids, batch.prompt_mask, config, eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id, domains=batch.domains, generator=generator,
-            tokenizer=self.tokenizer,  # stop strings are matched on decoded text
+            uniforms=uniforms, tokenizer=self.tokenizer,  # stop strings are matched on decoded text
         )
 
     # --------------------------------------------------------------------------- validation by generation

@@ -35,6 +35,7 @@ from opd_lightning.data.teacher_samples import (
 from opd_lightning.losses import completion_nll, masked_mean
 from opd_lightning.metrics import DomainMean
 from opd_lightning.rollout import SamplingConfig, completion_logits
+from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool
 
@@ -64,7 +65,8 @@ class ColdStartConfig:
     overlap_k: int = 8
     """k of the top-k overlap between student and teacher logged at validation."""
     seed: int = 0
-    """Seeds teacher sampling (with the batch index and rank) and the order rows are drawn from the cache."""
+    """Seeds teacher sampling (per row of each step's global batch, `opd_lightning.seeding`) and the order rows are
+    drawn from the cache."""
 
     def __post_init__(self) -> None:
         if self.cache_prompts < 1:
@@ -136,7 +138,7 @@ class ColdStart(PolicyModule):
             write_cache(
                 path, meta, loader=self.trainer.datamodule.train_dataloader(),
                 prompts=self.config.cache_prompts, strategy=strategy, device=self.device,
-                sample=lambda batch, g: self.teacher_rows(batch, self._generator(g, salt=1)),
+                sample=lambda batch, g: self.teacher_rows(batch, uniforms=self._uniforms(batch, g)),
             )  # fmt: skip
         self.cache = TeacherSampleCache(
             path, meta, filter_correct=self.config.filter_correct, seed=self.config.seed,
@@ -172,7 +174,7 @@ class ColdStart(PolicyModule):
         logits = completion_logits(self.policy, samples.input_ids, samples.attention_mask, mask.shape[1])
         loss, metrics = completion_nll(logits, samples.completion_ids, mask, normalizer=self.token_normalizer(mask))
 
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_loss(loss)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
         self.log("train/frac_kept", keep.float().mean())
@@ -189,12 +191,12 @@ class ColdStart(PolicyModule):
     def teacher_samples(self, batch: PromptBatch, step: int) -> list[dict]:
         """The rows batch `step` trains on: `len(batch) * sampling.num_samples` of them."""
         if self.cache is None:
-            return self.teacher_rows(batch, self._generator(step, salt=0))
+            return self.teacher_rows(batch, uniforms=self._uniforms(batch, step))
         count = len(batch) * self.sampling.num_samples
         return self.cache.rows(step, self.global_rank, self.trainer.world_size, count)
 
     @torch.no_grad()
-    def teacher_rows(self, batch: PromptBatch, generator: torch.Generator | None) -> list[dict]:
+    def teacher_rows(self, batch: PromptBatch, generator=None, uniforms=None) -> list[dict]:
         """`sampling.num_samples` completions of each prompt by its routed teacher, verified, as rows."""
         rollout = self.teachers.generate(
             batch.prompt_ids,
@@ -204,14 +206,20 @@ class ColdStart(PolicyModule):
             eos_token_id=self.eos_token_ids,  # the student's stop ids; each teacher adds its own
             pad_token_id=self.tokenizer.pad_token_id,
             generator=generator,
+            uniforms=uniforms,
             tokenizer=self.tokenizer,
         )
         return rows_from_rollout(batch, rollout, self.teachers.route(rollout.domains), self.tokenizer)
 
-    def _generator(self, index: int, salt: int) -> torch.Generator:
-        """Seeded by (seed, batch index, rank, purpose), so runs are reproducible and resumable."""
-        seed = ((self.config.seed * 1_000_003 + index) * 1_009 + self.global_rank) * 7 + salt
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def _uniforms(self, batch: PromptBatch, cursor: int):
+        """Teacher sampling of training micro-batch `cursor`, per row of its optimiser step. Cache and on-the-fly
+        mode share the stream: a cached row is the sample the on-the-fly mode draws at that stream position."""
+        return self.rollout_uniforms(self.config.seed, "cold_start", len(batch), self.sampling, cursor)
+
+    def _generator(self, batch_idx: int, sample: int) -> torch.Generator:
+        """Validation rollouts, per (validation batch, rank, which of the two samples)."""
+        return make_generator(self.config.seed, "cold_start_val", batch_idx, self.global_rank, sample,
+                              device=self.device)  # fmt: skip
 
     # ------------------------------------------------------------------------------------ validation
 
@@ -221,7 +229,7 @@ class ColdStart(PolicyModule):
 
         # the student's own samples (temperature 1, as OPD will draw them) scored by each row's teacher
         config = SamplingConfig(max_new_tokens=self.eval_max_new_tokens(), temperature=1.0)
-        rollout = self.sample(self.policy, batch, config, self._generator(batch_idx, salt=2))
+        rollout = self.sample(self.policy, batch, config, self._generator(batch_idx, 0))
         c = rollout.completion_ids.shape[1]
         for index in torch.arange(len(rollout), device=self.device).split(micro or len(rollout)):
             part = rollout.select(index)
@@ -240,7 +248,7 @@ class ColdStart(PolicyModule):
         # Micro-batches of rows, not of domains: under FSDP every rank must run the same number of forwards.
         key = hashlib.sha1(batch.prompt_ids.cpu().numpy().tobytes()).hexdigest()
         if key not in self._val_teacher_rows:
-            self._val_teacher_rows[key] = self.teacher_rows(batch, self._generator(batch_idx, salt=3))
+            self._val_teacher_rows[key] = self.teacher_rows(batch, self._generator(batch_idx, 1))
         chunk = micro or len(self._val_teacher_rows[key])
         for lo in range(0, len(self._val_teacher_rows[key]), chunk):
             rows = self._val_teacher_rows[key][lo : lo + chunk]
@@ -259,7 +267,7 @@ class ColdStart(PolicyModule):
         values = {}
         for name, metric in self.val_metrics.items():
             values.update({f"val/{name}/{d}": v for d, v in metric.compute().items()})
-            values[f"val/{name}"] = (metric.total.sum() / metric.count.sum().clamp(min=1)).float()
+            values[f"val/{name}"] = metric.overall()
             metric.reset()
         self.log_val_metrics(values)
 

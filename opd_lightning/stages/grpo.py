@@ -31,6 +31,7 @@ from opd_lightning.losses import group_advantages, grpo_loss
 from opd_lightning.metrics import DomainMean
 from opd_lightning.models import check_local_path, check_same_tokenizer, load_frozen, load_tokenizer
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logprobs
+from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
 
 __all__ = ["GRPO", "GRPOConfig", "RewardTerm", "resolve_reward_fn"]
@@ -64,7 +65,8 @@ class GRPOConfig:
     ref_micro_batch_size: int | None = None
     """Rows per reference-model forward (memory bound for big models); None = the whole batch at once."""
     seed: int = 0
-    """Seeds rollout sampling and minibatch shuffling, per (seed, global_step, rank): reproducible, resumable."""
+    """Seeds rollout sampling (per row of the step's global batch) and minibatch shuffling (per step and rank),
+    through :mod:`opd_lightning.seeding`: reproducible and resumable."""
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("grpo", "dr_grpo", "dapo"):
@@ -202,12 +204,13 @@ class GRPO(PolicyModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Tensor]:
         cfg, group = self.config, self.sampling.num_samples
         temperature = self.sampling.logprob_temperature
-        seed = _step_seed(cfg.seed, self.global_step, self.global_rank)
+        # the batch's optimiser step of the data stream (global_step counts this stage's several updates)
+        step, _ = self.batch_position()
 
         # 1. Roll out: `group` contiguous completions per prompt, with their behaviour log-probs.
         start = _clock(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        rollout = self.sample(self.policy, batch, self.sampling, generator)  # N = B * group rows
+        uniforms = self.rollout_uniforms(cfg.seed, "grpo_rollout", len(batch), self.sampling)
+        rollout = self.sample(self.policy, batch, self.sampling, uniforms=uniforms)  # N = B * group rows
         completions = rollout.decode(self.tokenizer)
         entries = [batch.entries[i] for i in rollout.prompt_index.tolist()]
 
@@ -231,7 +234,9 @@ class GRPO(PolicyModule):
         # clip value is a stage field; the LR scheduler is stepped here, once per optimiser step.
         start = _clock(self.device)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        shuffle = torch.Generator().manual_seed(seed + 1)
+        # minibatches are drawn from this rank's rows (as TRL and verl do): with num_minibatches > 1 the partition,
+        # hence the updates, depend on the world size; one minibatch (the default) does not
+        shuffle = make_generator(cfg.seed, "grpo_minibatch", step, self.global_rank)
         step_metrics: list[dict[str, Tensor]] = []
         entropy = _EntropySum()
         for epoch in range(cfg.ppo_epochs):
@@ -325,16 +330,20 @@ class GRPO(PolicyModule):
             kl_coef=cfg.kl_coef,
             max_completion_length=self.sampling.max_new_tokens,
             # only DAPO's token mean takes a normaliser: the global token count keeps it DDP-invariant
-            normalizer=self.token_normalizer(mask) if cfg.loss_type == "dapo" else None,
+            normalizer=self.minibatch_normalizer(mask) if cfg.loss_type == "dapo" else None,
         )
+
+    def minibatch_normalizer(self, mask: Tensor) -> Tensor:
+        """This process's share of the minibatch's global token count: each minibatch is one optimiser step,
+        so a token mean averaged by DDP over ranks is the mean over all tokens of all ranks (verl's `agg_loss`).
+        The "grpo" and "dr_grpo" means need none: every rank holds the same number of rows."""
+        count = mask.sum().float()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum") / self.trainer.world_size
+        return count.clamp(min=1.0)
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    # a distinct stream per (seed, step, rank), the same rule as the data stream's
-    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def _clock(device: torch.device) -> float:

@@ -46,6 +46,7 @@ from opd_lightning.losses import (
 from opd_lightning.metrics import DISTILLATION_STATS, DomainMean
 from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
+from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.teachers import TeacherPool, TeacherScores
 
@@ -191,7 +192,8 @@ class MultiExpertOPD(PolicyModule):
             ``default`` takes domains without an entry. Domains sharing a folder share one loaded teacher.
         distill: the loss and its knobs (:class:`DistillConfig`).
         sampling: how the student (or, for the off-policy share, the teacher) samples completions.
-        seed: seeds sampling from ``(seed, global_step, global_rank)``, so runs and resumes reproduce.
+        seed: seeds sampling per row of each optimiser step's global batch (:mod:`opd_lightning.seeding`), so
+            runs and resumes reproduce, at any number of processes and micro-batches.
         **kwargs: the policy, optimiser and validation arguments of :class:`PolicyModule`.
     """
 
@@ -245,14 +247,15 @@ class MultiExpertOPD(PolicyModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         # 1. rollouts: the student's own samples; for GKD's off-policy share, each prompt's routed teacher's
         off_policy = self._off_policy_batch()
+        uniforms = self.rollout_uniforms(self.seed, "opd_rollout", len(batch), self.sampling)
         if off_policy:
             rollout = self.teachers.generate(
                 batch.prompt_ids, batch.prompt_mask, batch.domains, self.sampling,
                 eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                generator=self._generator(), tokenizer=self.tokenizer,
+                uniforms=uniforms, tokenizer=self.tokenizer,
             )  # fmt: skip
         else:
-            rollout = self.sample(self.policy, batch, self.sampling, generator=self._generator())
+            rollout = self.sample(self.policy, batch, self.sampling, uniforms=uniforms)
         mask = rollout.completion_mask  # [N, C]
 
         # 2. the student's distributions at the sampled positions (with grad), the routed teachers' (without)
@@ -288,22 +291,20 @@ class MultiExpertOPD(PolicyModule):
             temperature=self.sampling.logprob_temperature,
             normalizer=self.token_normalizer(mask),
         )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_loss(loss)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         self._log_routed(rollout, scores, reward, exact, off_policy)
         return loss
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _generator(self) -> torch.Generator:
-        seed = ((self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank) * 2  # even: sampling
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def _off_policy_batch(self) -> bool:
-        """GKD's coin: the same on every rank (seeded without the rank), so ranks roll out in lockstep."""
+        """GKD's coin, one per optimiser step: the same on every rank and micro-batch (seeded by the step only),
+        so ranks roll out in lockstep and a step is on- or off-policy whatever its decomposition."""
         if self.distill.off_policy_ratio == 0.0:
             return False
-        coin = torch.Generator().manual_seed((self.seed * 1_000_003 + self.global_step) * 2 + 1)  # odd
+        step, _ = self.batch_position()
+        coin = make_generator(self.seed, "gkd_coin", step)
         return bool(torch.rand((), generator=coin) < self.distill.off_policy_ratio)
 
     def _log_routed(

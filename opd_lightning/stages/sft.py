@@ -19,7 +19,7 @@ class SFT(PolicyModule):
         mask = batch.completion_mask  # the answer tokens (and EOS) are the targets
         logits = completion_logits(self.policy, batch.input_ids, batch.attention_mask, mask.shape[1])  # [B, C, V]
         loss, metrics = completion_nll(logits, batch.completion_ids, mask, normalizer=self.token_normalizer(mask))
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_loss(loss)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()})
         self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
         return loss
