@@ -48,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import opd_lightning  # noqa: E402
 from opd_lightning.callbacks import HFExport, HParamsWithFinalMetrics  # noqa: E402
+from opd_lightning.dashboard import DashboardLayout  # noqa: E402
 from opd_lightning.data import PromptDataModule  # noqa: E402
 from opd_lightning.stages.base import PolicyModule  # noqa: E402
 
@@ -222,8 +223,9 @@ def build_cli(args=None, run: bool = True, cli_class: type[OPDCLI] = OPDCLI, **k
         subclass_mode_model=True,
         parser_class=OPDArgumentParser,
         save_config_kwargs={"overwrite": True},
-        # always on, after the YAML's callbacks: the HPARAMS view gets every run's settings and final metrics
-        trainer_defaults={"callbacks": [HParamsWithFinalMetrics()]},
+        # always on, after the YAML's callbacks: the HPARAMS view gets every run's settings and final metrics,
+        # the CUSTOM SCALARS tab the per-domain / per-teacher charts
+        trainer_defaults={"callbacks": [HParamsWithFinalMetrics(), DashboardLayout()]},
         args=args,
         run=run,
         **kwargs,
