@@ -478,7 +478,7 @@ def time_row(report: Report, module, data, seconds: float | None, max_steps: int
     per = f"{seconds:.2f} s per optimiser step on one {module.device.type} device"
     shape = f"data.batch_size {data.batch_size}"
     if not isinstance(module, SFT):
-        shape += f" × {module.sampling.num_samples} samples × ≤ {module.max_new_tokens()} new tokens"
+        shape += f" prompts × {module.sampling.num_samples} sample(s) × ≤ {module.max_new_tokens()} new tokens"
     total = f"; trainer.max_steps {max_steps} ≈ {seconds * max_steps / 60:.1f} min" if max_steps > 0 else ""
     report.add("step time", OK, f"{per} ({shape}){total}{note}")
 
