@@ -14,6 +14,10 @@ requeued job passes on every launch, first one included, so refusing would break
 makes a wrong `save_dir`/`name` visible. A `ModelCheckpoint` with its own `dirpath` is Lightning's case
 (it finds `last.ckpt` there; the logger opens a new version folder). A pinned `logger.version` is kept.
 
+Check. `opd check --config ... [overrides]` parses the same config, loads the models and data, trains nothing,
+writes no run, and prints a table of what would doom the run (tokenizers, routes, lengths, on-policy sampling,
+a self-distillation sanity check, a student/teacher overlap probe, memory and step time): opd_lightning/check.py.
+
 Refusals. Bad input (a typo'd key, a wrong type, a missing folder, a bad value raised by a stage's or the
 DataModule's constructor or set-up) ends in a few lines on stderr, `error: <what is wrong, which field, what
 to do>`, and exit status 2, without traceback or parser dump; the run's fresh log folder is removed.
@@ -44,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import opd_lightning  # noqa: E402
 from opd_lightning.callbacks import HFExport, HParamsWithFinalMetrics  # noqa: E402
+from opd_lightning.dashboard import DashboardLayout  # noqa: E402
 from opd_lightning.data import PromptDataModule  # noqa: E402
 from opd_lightning.stages.base import PolicyModule  # noqa: E402
 
@@ -211,21 +216,28 @@ def _is_a(class_path: str, base: type | tuple[type, ...]) -> bool:
     return issubclass(getattr(importlib.import_module(module), name), base)
 
 
-def build_cli(args=None, run: bool = True) -> OPDCLI:
-    return OPDCLI(
+def build_cli(args=None, run: bool = True, cli_class: type[OPDCLI] = OPDCLI, **kwargs) -> OPDCLI:
+    return cli_class(
         PolicyModule,
         PromptDataModule,
         subclass_mode_model=True,
         parser_class=OPDArgumentParser,
         save_config_kwargs={"overwrite": True},
-        # always on, after the YAML's callbacks: the HPARAMS view gets every run's settings and final metrics
-        trainer_defaults={"callbacks": [HParamsWithFinalMetrics()]},
+        # always on, after the YAML's callbacks: the HPARAMS view gets every run's settings and final metrics,
+        # the CUSTOM SCALARS tab the per-domain / per-teacher charts
+        trainer_defaults={"callbacks": [HParamsWithFinalMetrics(), DashboardLayout()]},
         args=args,
         run=run,
+        **kwargs,
     )
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["check"]:  # `opd fit`'s parser without running fit: opd_lightning/check.py
+        from opd_lightning.check import check_main
+
+        return check_main(argv[1:])
     build_cli(args)
 
 

@@ -162,7 +162,9 @@ def _first_difference(mine: str, theirs: str, width: int = 30) -> str:
     return f"first difference at character {at}: {theirs!r} vs the student's {mine!r}"
 
 
-def _tokenizer_differences(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> list[str]:
+def tokenizer_differences(student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> list[str]:
+    """What `other` reads or writes differently from the student's tokenizer, one phrase per difference
+    (vocabulary and ids, EOS / BOS / pad / unk, special tokens, chat template); empty when they agree."""
     problems = []
     if len(student) != len(other):
         problems.append(f"vocabulary size {len(other)} vs the student's {len(student)}")
@@ -201,7 +203,7 @@ def check_same_tokenizer(
     """A teacher or reference must read and write text exactly as the student: same vocabulary and ids, same
     special tokens (EOS, BOS, pad, unk, and which tokens decoding drops), same chat template. Token-level
     distillation compares distributions id by id, on prompts rendered once with the student's template."""
-    problems = _tokenizer_differences(reference, other)
+    problems = tokenizer_differences(reference, other)
     if problems:
         raise ValueError(
             f"{name}: tokenizer does not match the student's: {'; '.join(problems)}.\n"

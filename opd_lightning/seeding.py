@@ -7,18 +7,21 @@ cryptographic hash of the whole tuple gives all three; arithmetic formulas such 
 
 The purposes in use, and the indices each is derived from:
 
-==================  =====================================  ========================================
-purpose             indices                                stream
-==================  =====================================  ========================================
-``data``            optimiser step                         the step's global batch of prompts
-``cache_order``     pass over the cache                    ColdStart's cache row order
-``grpo_rollout``    optimiser step, global row             GRPO's group completions
-``grpo_minibatch``  optimiser step, rank                   GRPO's minibatch shuffle
-``opd_rollout``     optimiser step, global row             OPD's student (or GKD teacher) samples
-``gkd_coin``        optimiser step                         OPD's on/off-policy coin (all ranks)
-``cold_start``      optimiser step, global row             ColdStart's teacher samples
-``cold_start_val``  validation batch, rank, which sample   ColdStart's validation rollouts
-==================  =====================================  ========================================
+=============================  ====================================  ======================================
+purpose                        indices                               stream
+=============================  ====================================  ======================================
+``data``                       optimiser step                        the step's global batch of prompts
+``cache_order``                pass over the cache                   ColdStart's cache row order
+``grpo_rollout``               optimiser step, global row            GRPO's group completions
+``grpo_minibatch``             optimiser step, rank                  GRPO's minibatch shuffle
+``opd_rollout``                optimiser step, global row            OPD's student (or GKD teacher) samples
+``gkd_coin``                   optimiser step                        OPD's on/off-policy coin (all ranks)
+``cold_start``                 optimiser step, global row            ColdStart's teacher samples
+``cold_start_val``             validation batch, rank, which sample  ColdStart's validation rollouts
+``overlap_probe``              domain index, rank                    the overlap probe's student samples
+``overlap_cold_start``         warm-up step, rank                    overlap-driven cold start's prompts
+``overlap_cold_start_sample``  warm-up step, rank                    ... and its teachers' samples
+=============================  ====================================  ======================================
 
 Sampling is seeded per *row* of the optimiser step's global batch (:func:`row_uniforms`), so a row draws
 the same completion whatever the number of processes and micro-batches it is computed in.

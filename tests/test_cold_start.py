@@ -31,9 +31,12 @@ TEACHER_SFT_STEPS = 80
 
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_dir, tmp_path_factory):
+    return sft_math_teacher(tiny_dir, tmp_path_factory.mktemp("teacher"), TEACHER_SFT_STEPS)
+
+
+def sft_math_teacher(tiny_dir, root, steps: int):
     """A different tiny model (other init seed, the student's tokenizer) SFT'd briefly on easy sums, so its
     samples are structured ("7<|im_end|>") and right a fair share of the time."""
-    root = tmp_path_factory.mktemp("teacher")
     tokenizer = load_tokenizer(tiny_dir)
     build_tiny_model(tokenizer, "1m", seed=1).save_pretrained(root / "init")
     tokenizer.save_pretrained(root / "init")
@@ -48,11 +51,11 @@ def teacher_dir(tiny_dir, tmp_path_factory):
         tasks=[MATH],
         train_format="sft",
         batch_size=64,
-        steps_per_epoch=TEACHER_SFT_STEPS,
+        steps_per_epoch=steps,
         max_prompt_length=32,
         max_answer_length=6,
     )
-    trainer(root, TEACHER_SFT_STEPS).fit(sft, datamodule=data)
+    trainer(root, steps).fit(sft, datamodule=data)
     sft.policy.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
     return root / "hf"

@@ -312,6 +312,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length, self.max_answer_length = max_prompt_length, max_answer_length
         self.train_format = train_format
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.write_cache = True  # `opd check` reads the cache but writes nothing
         self.domains = sorted(set().union(*task_domains))
         self.aligned_domains = aligned_domains  # what a stage is judged on
         self.ood_domains = sorted(set().union(*(d for d, s in zip(task_domains, self.specs) if not s.aligned)))
@@ -377,7 +378,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_format == "sft":
             answers = encode_answers(self.tokenizer, prompts, questions, [item["answer"] for item in items],
                                      self.system_prompt)  # fmt: skip
-        if path is not None:  # written whole, then renamed: a run killed mid-write leaves no half file
+        if path is not None and self.write_cache:  # written whole, then renamed: a run killed mid-write leaves no half file
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             torch.save({"prompts": prompts, "answers": answers}, partial)

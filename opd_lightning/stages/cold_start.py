@@ -195,21 +195,10 @@ class ColdStart(PolicyModule):
         count = len(batch) * self.sampling.num_samples
         return self.cache.rows(step, self.global_rank, self.trainer.world_size, count)
 
-    @torch.no_grad()
     def teacher_rows(self, batch: PromptBatch, generator=None, uniforms=None) -> list[dict]:
         """`sampling.num_samples` completions of each prompt by its routed teacher, verified, as rows."""
-        rollout = self.teachers.generate(
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.domains,
-            self.sampling,
-            eos_token_id=self.eos_token_ids,  # the student's stop ids; each teacher adds its own
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=generator,
-            uniforms=uniforms,
-            tokenizer=self.tokenizer,
-        )
-        return rows_from_rollout(batch, rollout, self.teachers.route(rollout.domains), self.tokenizer)
+        return teacher_rows(self.teachers, batch, self.sampling, self.eos_token_ids, self.tokenizer, generator,
+                            uniforms)  # fmt: skip
 
     def _uniforms(self, batch: PromptBatch, cursor: int):
         """Teacher sampling of training micro-batch `cursor`, per row of its optimiser step. Cache and on-the-fly
@@ -270,6 +259,33 @@ class ColdStart(PolicyModule):
             values[f"val/{name}"] = metric.overall()
             metric.reset()
         self.log_val_metrics(values)
+
+
+@torch.no_grad()
+def teacher_rows(
+    teachers: TeacherPool,
+    batch: PromptBatch,
+    sampling: SamplingConfig,
+    eos_token_ids: list[int],
+    tokenizer,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
+) -> list[dict]:
+    """`sampling.num_samples` completions of each prompt of `batch` by its routed teacher, verified, as rows
+    (:func:`opd_lightning.data.teacher_samples.rows_from_rollout`). ColdStart's samples, and those of
+    MultiExpertOPD's overlap-driven cold start."""
+    rollout = teachers.generate(
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.domains,
+        sampling,
+        eos_token_id=eos_token_ids,  # the student's stop ids; each teacher adds its own
+        pad_token_id=tokenizer.pad_token_id,
+        generator=generator,
+        uniforms=uniforms,
+        tokenizer=tokenizer,
+    )
+    return rows_from_rollout(batch, rollout, teachers.route(rollout.domains), tokenizer)
 
 
 def _is(domains: list[str], domain: str, device) -> torch.Tensor:  # [N] bool

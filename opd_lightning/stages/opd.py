@@ -48,6 +48,7 @@ from opd_lightning.ops import token_logprobs
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
 from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
+from opd_lightning.stages.overlap_cold_start import OverlapColdStart, describe, run_overlap_cold_start
 from opd_lightning.teachers import TeacherPool, TeacherScores
 
 LOSSES = ("sampled_reverse_kl", "reverse_kl", "forward_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
@@ -194,6 +195,9 @@ class MultiExpertOPD(PolicyModule):
         sampling: how the student (or, for the off-policy share, the teacher) samples completions.
         seed: seeds sampling per row of each optimiser step's global batch (:mod:`opd_lightning.seeding`), so
             runs and resumes reproduce, at any number of processes and micro-batches.
+        overlap_cold_start: when set, domains whose student/teacher top-k overlap is below its threshold get
+            ColdStart steps on their teacher's samples before the first OPD step
+            (:mod:`opd_lightning.stages.overlap_cold_start`); null = straight to OPD.
         **kwargs: the policy, optimiser and validation arguments of :class:`PolicyModule`.
     """
 
@@ -206,10 +210,13 @@ class MultiExpertOPD(PolicyModule):
         distill: DistillConfig | None = None,
         sampling: SamplingConfig | None = None,
         seed: int = 0,
+        overlap_cold_start: OverlapColdStart | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.distill = distill or DistillConfig()
+        self.overlap_cold_start = overlap_cold_start
+        self.cold_start_report: dict | None = None  # what the overlap cold start did; kept in checkpoints
         self.sampling = sampling or SamplingConfig(max_new_tokens=32, temperature=1.0)
         self.seed = seed
         if self.distill.reward_weight > 0 and self.distill.reward_normalization == "group":
@@ -241,6 +248,23 @@ class MultiExpertOPD(PolicyModule):
 
     def max_new_tokens(self) -> int:
         return self.sampling.max_new_tokens
+
+    def on_train_start(self) -> None:
+        # Not on_fit_start: sharded strategies restore a checkpoint after that hook, and the report restored
+        # from the checkpoint is what says "already done" to a resumed run.
+        if self.overlap_cold_start is None:
+            return
+        if self.cold_start_report is not None:
+            self.print(f"[opd] overlap cold start already ran in this run: {describe(self.cold_start_report)}")
+            return
+        self.cold_start_report = run_overlap_cold_start(self, self.overlap_cold_start)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["overlap_cold_start"] = self.cold_start_report
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.cold_start_report = checkpoint.get("overlap_cold_start")  # absent: written by an older version
 
     # ------------------------------------------------------------------------------------ training
 
