@@ -118,8 +118,9 @@ class PolicyModule(L.LightningModule):
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
             if self.hparams.gradient_checkpointing:
+                # No `config.use_cache = False`: transformers drops the cache itself where it checkpoints (grad
+                # mode), rollouts keep theirs, and the exported config would carry it to every later stage.
                 self.policy.gradient_checkpointing_enable()
-                self.policy.config.use_cache = False
         self.configure_frozen_models()
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp*.yaml): FSDP2
             self._shard(self.device_mesh)
