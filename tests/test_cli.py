@@ -14,11 +14,12 @@ import yaml
 from opd_lightning.cli import build_cli, main
 from opd_lightning.sharding import ShardingConfig
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).parents[1]
+CONFIGS = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
 STRATEGY_OVERLAYS = [c for c in CONFIGS if "/strategy/" in c]
-DEFAULTS = next(c for c in CONFIGS if c.endswith("tiny/defaults.yaml"))  # every stage's first config
+DEFAULTS = next(c for c in CONFIGS if c.endswith("tiny/defaults.yaml"))  # every tiny stage's first config
 QUICK = next(c for c in CONFIGS if c.endswith("tiny/quick.yaml"))  # the pipeline's --quick overlay
-STAGE_CONFIGS = [c for c in CONFIGS if c not in (*STRATEGY_OVERLAYS, DEFAULTS, QUICK)]
+STAGE_CONFIGS = [c for c in CONFIGS if c not in (*STRATEGY_OVERLAYS, QUICK) and not c.endswith("/defaults.yaml")]
 BASE_YAML = next(c for c in STAGE_CONFIGS if c.endswith("tiny/base.yaml"))
 BASE = ["--config", DEFAULTS, "--config", BASE_YAML]  # `opd fit` of the pipeline's first stage
 
@@ -36,14 +37,30 @@ def model_path_overrides(config: str, tiny_dir) -> list[str]:
     return args
 
 
+def own_command(config: str) -> list[str]:
+    """The `--config` arguments of the command a stage YAML begins with (`# opd fit --config ... --config ...`)."""
+    words = Path(config).read_text().splitlines()[0].removeprefix("# opd fit ").split()
+    files = words[1::2]
+    assert words[::2] == ["--config"] * len(files) and Path(config).relative_to(REPO).as_posix() in files, words
+    return [arg for f in files for arg in ("--config", str(REPO / f))]
+
+
 def test_configs_are_found():
     assert any(c.endswith("tiny/opd.yaml") for c in STAGE_CONFIGS) and len(STAGE_CONFIGS) >= 9
+    assert any(c.endswith("qwen3/opd.yaml") for c in STAGE_CONFIGS)
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda c: Path(c).relative_to(Path(c).parents[1]).as_posix())
 def test_every_config_builds_with_the_cli(config, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative outputs (runs/, artifacts/) land in the test's dir
-    cli = build_cli(["--config", DEFAULTS, "--config", config, *model_path_overrides(config, tiny_dir)], run=False)
+    command = own_command(config)
+    # Real-checkpoint configs (configs/qwen3/) name GPUs and local Qwen3 folders this machine does not have:
+    # they build with the tiny model in place of every checkpoint, on the CPU (nothing starts before fit).
+    cpu = ["--trainer.accelerator=cpu"] if "/qwen3/" in config else []
+    cli = build_cli([*command, *model_path_overrides(config, tiny_dir), *cpu], run=False)
+    if "/qwen3/" in config:  # their command adds the FSDP2 GPU overlay: bf16 compute, sharded over 8 GPUs
+        assert type(cli.trainer.strategy).__name__ == "ModelParallelStrategy" and cli.trainer.num_devices == 8
+        assert cli.model.sharding.param_dtype == "bfloat16" and cli.model.hparams.gradient_checkpointing
     assert cli.model.policy is None, "weights load in configure_model, not at parse time"
     assert cli.datamodule.tokenizer is cli.model.tokenizer, "the tokenizer is linked, not repeated"
     assert cli.datamodule.train_format == cli.model.train_format
@@ -101,8 +118,6 @@ def test_unknown_task_in_yaml_fails_before_training(tmp_path, tiny_dir, capsys):
 
 
 # --------------------------------------------------------------------------------------- resume
-
-REPO = Path(__file__).parents[1]
 
 
 class KillAt(L.Callback):
