@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 from opd_lightning.callbacks import save_hf
 from opd_lightning.models import load_causal_lm, load_tokenizer
-from tests.test_teachers import make_teacher
+from tests import test_teachers
 
+teachers = test_teachers.teachers  # the fixture: two tiny teachers on the student's tokenizer
 ROOT = Path(__file__).parents[1]
 LIMIT = 240  # seconds for a whole scenario (they take ~25 s on a quiet machine)
 ATOL = 1e-5  # FSDP2 vs DDP: measured 0 (OPD) and 1.4e-7 (SFT, with activation checkpointing) after 4 steps
@@ -56,12 +57,6 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
-@pytest.fixture(scope="module")
-def teachers(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp-teachers")
-    return make_teacher(tiny_dir, root / "a", seed=1), make_teacher(tiny_dir, root / "b", seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ from opd_lightning.models import load_causal_lm, load_tokenizer
 from opd_lightning.rollout import SamplingConfig, generate
 from opd_lightning.sharding import ShardingConfig, is_sharded, shard_model
 from opd_lightning.teachers import TeacherPool
-from tests.test_teachers import make_teacher
+from tests import test_teachers
 
+teachers = test_teachers.teachers  # the fixture: two tiny teachers on the student's tokenizer
 TIMEOUT = datetime.timedelta(seconds=20)  # any wait this long is a hang, not slowness
 
 
@@ -112,10 +113,9 @@ def _teachers_on_disjoint_rows(rank, tiny_dir, math_dir, string_dir, out):
 
 @pytest.mark.multiprocess
 def test_sharded_teachers_sample_and_score_in_lockstep_when_ranks_route_to_different_teachers(
-    tiny_dir, tmp_path_factory, tmp_path
+    tiny_dir, teachers, tmp_path
 ):
-    root = tmp_path_factory.mktemp("lockstep-teachers")
-    math_dir, string_dir = make_teacher(tiny_dir, root / "a", seed=1), make_teacher(tiny_dir, root / "b", seed=2)
+    math_dir, string_dir = teachers
     run_two_ranks(_teachers_on_disjoint_rows, str(tiny_dir), str(math_dir), str(string_dir), str(tmp_path))
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
