@@ -16,7 +16,16 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # The gather returns tied parameters (an LM head sharing the embedding) as separate copies; one tensor
+        # under both names again, so save_pretrained writes it once, as a single-process export does.
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in first and name in state:
+                state[name] = state[first[id(param)]]
+            first.setdefault(id(param), name)
+        return state  # empty on ranks other than 0
+
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 

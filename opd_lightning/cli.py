@@ -191,7 +191,7 @@ class OPDCLI(LightningCLI):
         if args.version is not None:
             return  # a pinned version folder is where Lightning already looks
         root = Path(args.save_dir or cfg.trainer.default_root_dir or ".") / (args.name or "")
-        found = [p for p in root.glob("*/checkpoints/*.ckpt") if p.is_file()]
+        found = list(root.glob("*/checkpoints/*.ckpt"))  # files, or folders of per-rank shards (FSDP2)
         last = [p for p in found if p.stem.startswith("last")]
         if not last and found:
             refuse(
@@ -203,7 +203,8 @@ class OPDCLI(LightningCLI):
                  "(check trainer.logger's save_dir and name if you meant to resume)")
             cfg.ckpt_path = None
             return
-        newest = max(last, key=lambda p: p.stat().st_mtime)
+        # a sharded checkpoint's folder keeps its time when its files are rewritten; its meta.pt is rewritten
+        newest = max(last, key=lambda p: (p / "meta.pt" if p.is_dir() else p).stat().st_mtime)
         version = newest.parent.parent.name
         match = re.fullmatch(r"version_(\d+)", version)
         args.version = int(match.group(1)) if match else version

@@ -5,7 +5,7 @@ with ``default`` catching domains with no entry (untagged or OOD prompts). :clas
 frozen teachers themselves (MiMo's multi-teacher OPD, DeepSeek-V4's domain experts). MultiExpertOPD scores
 the student's samples with it; ColdStart samples from it (:meth:`TeacherPool.generate`, the routed teacher
 answers each prompt). A stage wires it in three calls: :meth:`TeacherPool.for_student` in ``__init__``,
-:meth:`TeacherPool.load` in ``configure_model`` and :meth:`TeacherRoutes.check_domains` in ``setup``.
+:meth:`TeacherPool.load` in ``configure_frozen_models`` and :meth:`TeacherRoutes.check_domains` in ``setup``.
 
 Mechanics, in the order a batch meets them:
 
@@ -45,6 +45,7 @@ from opd_lightning.models import (
 )
 from opd_lightning.ops import support_logprobs, token_logprobs, topk_support
 from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+from opd_lightning.sharding import is_sharded, lockstep_counts
 
 __all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherRoutes", "TeacherScores"]
 
@@ -155,7 +156,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
     teacher name, scored (:meth:`score`) or sampled (:meth:`generate`) row by routed row.
 
     Construction is cheap: it checks the folders exist and groups domains that share one, but loads no
-    weights; :meth:`load` (called from the stage's ``configure_model``) does, once per folder.
+    weights; :meth:`load` (called from the stage's ``configure_frozen_models``) does, once per folder.
     """
 
     def __init__(self, routes: Mapping[str, str | os.PathLike], field: str = "model.init_args.teachers"):
@@ -174,7 +175,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
     ) -> TeacherPool:
         """The pool a stage builds in ``__init__``: folders checked, every teacher's tokenizer and chat
         template equal to the student's ``tokenizer`` (tokenizer files only, no weights), so a bad teacher
-        fails before anything loads. Then ``pool.load(...)`` in ``configure_model`` and
+        fails before anything loads. Then ``pool.load(...)`` in ``configure_frozen_models`` and
         ``pool.check_domains(...)`` in ``setup``."""
         pool = cls(routes, field=field)
         pool.check_tokenizers(tokenizer, trust_remote_code=trust_remote_code)
@@ -199,6 +200,19 @@ class TeacherPool(TeacherRoutes, nn.Module):
         # Lightning calls .train() on the whole LightningModule at fit start: teachers must stay frozen
         # references (no dropout), whatever the student does.
         return super().train(False)
+
+    @property
+    def sharded(self) -> bool:
+        """The teachers are FSDP2-sharded (ModelParallelStrategy): each of their forwards is a collective."""
+        return any(is_sharded(model) for model in self.models.values())
+
+    def idle_forwards(self, counts: dict[str, int], device: torch.device) -> dict[str, int]:
+        """``teacher -> throw-away forwards this rank runs`` so that every rank runs as many forwards of each
+        teacher as the busiest rank (``counts``: this rank's real ones). All 0 unless the teachers are sharded."""
+        if not self.sharded:
+            return dict.fromkeys(self.names, 0)
+        mine = [counts.get(name, 0) for name in self.names]
+        return {name: most - have for name, have, most in zip(self.names, mine, lockstep_counts(mine, device))}
 
     # ------------------------------------------------------------------------------------------- scoring
 
@@ -245,10 +259,18 @@ class TeacherPool(TeacherRoutes, nn.Module):
                 store[key] = value.new_empty((n, *value.shape[1:]))
             store[key][rows] = value
 
-        for name, rows in self.rows(rollout.domains, device).items():
+        routed = self.rows(rollout.domains, device)
+        chunks = {name: rows.split(micro_batch_size or len(rows)) for name, rows in routed.items()}
+        idle = self.idle_forwards({name: len(parts) for name, parts in chunks.items()}, device)
+        for name in self.names:
             model = self.models[name]
+            for _ in range(idle[name]):  # a sharded teacher's forward is a collective: join the other ranks'
+                completion_logits(model, input_ids[:1], attention_mask[:1], c)
+            if name not in routed:
+                continue
+            rows = routed[name]
             start = time.perf_counter()
-            for chunk in rows.split(micro_batch_size or len(rows)):
+            for chunk in chunks[name]:
                 logits = completion_logits(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
                 teacher_logprobs[chunk] = token_logprobs(logits, rollout.completion_ids[chunk])
                 student = None if student_logits is None else student_logits[chunk].detach()
@@ -298,15 +320,28 @@ class TeacherPool(TeacherRoutes, nn.Module):
         samples only its prompts; rows are padded to the longest completion of the batch. The behaviour
         log-probs are the teachers'. A teacher's sample ends at ``eos_token_id`` (the stage's stop ids) or
         at any EOS id of that teacher's own generation config (:func:`opd_lightning.models.stop_token_ids`).
-        Teachers are plain (unsharded) modules on every rank, so no rank lockstep is needed here:
-        ``config.sync_ranks`` is ignored.
+        ``config.sync_ranks`` is ignored: unsharded teachers need no rank lockstep, and sharded ones (FSDP2)
+        always decode in lockstep, a rank with no prompt for a teacher decoding a throw-away one meanwhile.
         """
         g = config.num_samples
-        if config.sync_ranks:
-            config = SamplingConfig(**{**config.__dict__, "sync_ranks": False})
+        sharded = self.sharded
+        if config.sync_ranks != sharded:
+            config = SamplingConfig(**{**config.__dict__, "sync_ranks": sharded})
+        routed = self.rows(domains, prompt_ids.device)
+        idle = self.idle_forwards(dict.fromkeys(routed, 1), prompt_ids.device)
         parts = []
-        for name, rows in self.rows(domains, prompt_ids.device).items():
+        for name in self.names:
             model = self.models[name]
+            if idle[name]:
+                # Greedy, so it draws nothing from `generator` (the real samples stay as they were), and every id
+                # stops it: done at its first token, it only follows the other ranks' decode steps.
+                throwaway = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=0.0, sync_ranks=True)
+                every_id = list(range(model.get_output_embeddings().weight.shape[0]))
+                generate(model, prompt_ids[:1], prompt_mask[:1], throwaway, eos_token_id=every_id,
+                         pad_token_id=pad_token_id)  # fmt: skip
+            if name not in routed:
+                continue
+            rows = routed[name]
             out_rows = (rows[:, None] * g + torch.arange(g, device=rows.device)).reshape(-1)  # [n_t * G]
             part = generate(
                 model,

@@ -12,12 +12,14 @@ import pytest
 import yaml
 
 from opd_lightning.cli import build_cli, main
+from opd_lightning.sharding import ShardingConfig
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).parents[1]
+CONFIGS = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
 STRATEGY_OVERLAYS = [c for c in CONFIGS if "/strategy/" in c]
-DEFAULTS = next(c for c in CONFIGS if c.endswith("tiny/defaults.yaml"))  # every stage's first config
+DEFAULTS = next(c for c in CONFIGS if c.endswith("tiny/defaults.yaml"))  # every tiny stage's first config
 QUICK = next(c for c in CONFIGS if c.endswith("tiny/quick.yaml"))  # the pipeline's --quick overlay
-STAGE_CONFIGS = [c for c in CONFIGS if c not in (*STRATEGY_OVERLAYS, DEFAULTS, QUICK)]
+STAGE_CONFIGS = [c for c in CONFIGS if c not in (*STRATEGY_OVERLAYS, QUICK) and not c.endswith("/defaults.yaml")]
 BASE_YAML = next(c for c in STAGE_CONFIGS if c.endswith("tiny/base.yaml"))
 BASE = ["--config", DEFAULTS, "--config", BASE_YAML]  # `opd fit` of the pipeline's first stage
 
@@ -35,14 +37,30 @@ def model_path_overrides(config: str, tiny_dir) -> list[str]:
     return args
 
 
+def own_command(config: str) -> list[str]:
+    """The `--config` arguments of the command a stage YAML begins with (`# opd fit --config ... --config ...`)."""
+    words = Path(config).read_text().splitlines()[0].removeprefix("# opd fit ").split()
+    files = words[1::2]
+    assert words[::2] == ["--config"] * len(files) and Path(config).relative_to(REPO).as_posix() in files, words
+    return [arg for f in files for arg in ("--config", str(REPO / f))]
+
+
 def test_configs_are_found():
     assert any(c.endswith("tiny/opd.yaml") for c in STAGE_CONFIGS) and len(STAGE_CONFIGS) >= 9
+    assert any(c.endswith("qwen3/opd.yaml") for c in STAGE_CONFIGS)
 
 
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=lambda c: Path(c).relative_to(Path(c).parents[1]).as_posix())
 def test_every_config_builds_with_the_cli(config, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative outputs (runs/, artifacts/) land in the test's dir
-    cli = build_cli(["--config", DEFAULTS, "--config", config, *model_path_overrides(config, tiny_dir)], run=False)
+    command = own_command(config)
+    # Real-checkpoint configs (configs/qwen3/) name GPUs and local Qwen3 folders this machine does not have:
+    # they build with the tiny model in place of every checkpoint, on the CPU (nothing starts before fit).
+    cpu = ["--trainer.accelerator=cpu"] if "/qwen3/" in config else []
+    cli = build_cli([*command, *model_path_overrides(config, tiny_dir), *cpu], run=False)
+    if "/qwen3/" in config:  # their command adds the FSDP2 GPU overlay: bf16 compute, sharded over 8 GPUs
+        assert type(cli.trainer.strategy).__name__ == "ModelParallelStrategy" and cli.trainer.num_devices == 8
+        assert cli.model.sharding.param_dtype == "bfloat16" and cli.model.hparams.gradient_checkpointing
     assert cli.model.policy is None, "weights load in configure_model, not at parse time"
     assert cli.datamodule.tokenizer is cli.model.tokenizer, "the tokenizer is linked, not repeated"
     assert cli.datamodule.train_format == cli.model.train_format
@@ -54,12 +72,25 @@ def test_strategy_overlays_build_on_top_of_a_stage_config(overlay, tiny_dir, tmp
     from lightning.pytorch.strategies import StrategyRegistry
 
     monkeypatch.chdir(tmp_path)
-    cli = build_cli([*BASE, "--config", overlay, *model_path_overrides(BASE_YAML, tiny_dir)], run=False)
-    # the overlay's values win over the base config's (devices: 1, single-device strategy)
     wanted = yaml.safe_load(Path(overlay).read_text())["trainer"]
-    assert isinstance(cli.trainer.strategy, StrategyRegistry[wanted["strategy"]]["strategy"])
+    # GPU overlays build here with their accelerator swapped for the CPU: nothing starts before fit
+    cpu = ["--trainer.accelerator=cpu"] if wanted.get("accelerator") == "gpu" else []
+    cli = build_cli([*BASE, "--config", overlay, *model_path_overrides(BASE_YAML, tiny_dir), *cpu], run=False)
+    # the overlay's values win over the base config's (devices: 1, single-device strategy)
+    strategy = wanted["strategy"]
+    if isinstance(strategy, str):
+        assert isinstance(cli.trainer.strategy, StrategyRegistry[strategy]["strategy"])
+    else:  # class_path + init_args
+        assert type(cli.trainer.strategy).__name__ == strategy["class_path"].rpartition(".")[2]
+        data_parallel = strategy["init_args"]["data_parallel_size"]
+        assert data_parallel == wanted["devices"] * wanted["num_nodes"], "FSDP2 shards over every process"
     assert (cli.trainer.num_devices, cli.trainer.num_nodes) == (wanted["devices"], wanted["num_nodes"])
     assert cli.trainer.world_size == wanted["devices"] * wanted["num_nodes"]
+    init_args = yaml.safe_load(Path(overlay).read_text()).get("model", {}).get("init_args", {})
+    if "sharding" in init_args:
+        assert cli.model.sharding == ShardingConfig(**init_args.pop("sharding"))
+    for key, value in init_args.items():
+        assert cli.model.hparams[key] == value, key
 
 
 def test_unknown_yaml_key_names_the_key(tmp_path, capsys, tiny_dir):
@@ -87,8 +118,6 @@ def test_unknown_task_in_yaml_fails_before_training(tmp_path, tiny_dir, capsys):
 
 
 # --------------------------------------------------------------------------------------- resume
-
-REPO = Path(__file__).parents[1]
 
 
 class KillAt(L.Callback):
@@ -167,6 +196,24 @@ def test_ckpt_path_last_resumes_a_killed_run_in_its_own_version_folder(tiny_dir,
     a = load_file(killed / "artifacts" / "base" / "hf" / "model.safetensors")
     b = load_file(straight / "artifacts" / "base" / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp_overlay_trains_and_ckpt_path_last_resumes_its_sharded_checkpoint(tiny_dir, tmp_path):
+    import torch
+
+    fsdp = ["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml"), "--trainer.strategy.init_args.timeout=0:01:00"]
+    overlay = tiny_overlay(tmp_path / "go.yaml", tiny_dir)
+    first = opd_fit(tmp_path, "--config", overlay, *fsdp, "--trainer.max_steps=2", "--ckpt_path", "last")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "runs" / "base" / "version_0" / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], "one shard per rank"
+    resumed = opd_fit(tmp_path, "--config", overlay, *fsdp, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from runs/base/version_0/checkpoints/last.ckpt" in resumed.stderr, "a sharded last.ckpt is found"
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 4
+    assert (tmp_path / "artifacts" / "base" / "hf" / "model.safetensors").exists(), "rank 0 exported the policy"
 
 
 def test_ckpt_path_last_with_checkpoints_but_no_last_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):

@@ -32,6 +32,7 @@ from opd_lightning import rewards
 from opd_lightning.data.batch import PromptBatch, SFTBatch, make_sft_batch
 from opd_lightning.rollout import Rollout, SamplingConfig
 from opd_lightning.seeding import make_generator
+from opd_lightning.sharding import lockstep_counts
 
 if TYPE_CHECKING:
     from opd_lightning.data.datamodule import PromptDataModule
@@ -237,9 +238,14 @@ def write_cache(
     share = prompts // world + int(rank < prompts % world)
     rows, seen = [], 0
     for g, batch in enumerate(_endless(loader)):
-        if seen >= share:
+        # Every rank samples until the rank with the largest share is done: sharded (FSDP2) teachers decode in
+        # lockstep, so a rank that stopped early would leave the others waiting. Extra calls keep nothing.
+        if not lockstep_counts([int(seen < share)], device)[0]:
             break
-        batch = move_data_to_device(_head(batch, share - seen), device)
+        batch = move_data_to_device(_head(batch, max(share - seen, 1)), device)
+        if seen >= share:
+            sample(batch, g)
+            continue
         seen += len(batch)
         rows += sample(batch, g)
         rank_zero_info(f"[opd] cold start cache: rank {rank} sampled {seen}/{share} prompts")

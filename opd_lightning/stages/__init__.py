@@ -2,6 +2,7 @@ import torch
 
 from opd_lightning.data.tasks import TaskSpec
 from opd_lightning.rollout import SamplingConfig
+from opd_lightning.sharding import ShardingConfig
 from opd_lightning.stages.base import EvalConfig, PolicyModule, WarmupLinearDecay
 from opd_lightning.stages.cold_start import ColdStart, ColdStartConfig
 from opd_lightning.stages.grpo import GRPO, GRPOConfig, RewardTerm
@@ -17,6 +18,6 @@ __all__ += ["ColdStart", "ColdStartConfig"]
 # Checkpoints keep these plain-data config dataclasses in their hyper-parameters: allow them under
 # torch.load(weights_only=True), so resuming stays safe by default instead of needing weights_only=False.
 torch.serialization.add_safe_globals(
-    [TaskSpec, SamplingConfig, EvalConfig, GRPOConfig, RewardTerm, DistillConfig, ColdStartConfig]
+    [TaskSpec, SamplingConfig, EvalConfig, GRPOConfig, RewardTerm, DistillConfig, ColdStartConfig, ShardingConfig]
     + [OverlapColdStart]
 )

@@ -21,6 +21,7 @@ from opd_lightning.metrics import DomainMean
 from opd_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from opd_lightning.rollout import SamplingConfig, generate
 from opd_lightning.seeding import row_uniforms
+from opd_lightning.sharding import ShardingConfig, offload_sharded_parameters, shard_model
 
 
 @dataclass
@@ -78,6 +79,7 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval: EvalConfig | None = None,
+        sharding: ShardingConfig | None = None,
     ):
         """
         Args:
@@ -90,6 +92,7 @@ class PolicyModule(L.LightningModule):
             optimizer: the optimiser, chosen in YAML (class_path + init_args).
             lr_scheduler: optional LR scheduler, stepped every optimiser step.
             eval: validation-by-generation settings.
+            sharding: FSDP2 settings (mixed precision, CPU offload), used under ModelParallelStrategy only.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +100,7 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_config = eval or EvalConfig()
+        self.sharding = sharding or ShardingConfig()
         self.policy: torch.nn.Module | None = None
         self.eos_token_ids: list[int] | None = None  # what ends a sample (models.stop_token_ids), set on load
         self._val_samples: list[str] = []
@@ -105,19 +109,47 @@ class PolicyModule(L.LightningModule):
 
     def configure_model(self) -> None:
         # Lightning's hook for sharded strategies; idempotent because it may be called more than once.
-        if self.policy is not None:
-            return
-        self.policy = self.load_policy(self.model_path)
-        self.eos_token_ids = stop_token_ids(self.policy, self.tokenizer.eos_token_id)
-        self.policy.train()  # from_pretrained returns eval-mode modules
-        # Sampling runs in eval mode; the loss's log-probs must come from the same function, so dropout is
-        # off in training too (TRL's disable_dropout): otherwise GRPO's first ratio is not 1 (GPT-2, OPT, ...).
-        for module in self.policy.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-            self.policy.config.use_cache = False
+        if self.policy is None:
+            self.policy = self.load_policy(self.model_path)
+            self.eos_token_ids = stop_token_ids(self.policy, self.tokenizer.eos_token_id)
+            self.policy.train()  # from_pretrained returns eval-mode modules
+            # Sampling runs in eval mode; the loss's log-probs must come from the same function, so dropout is
+            # off in training too (TRL's disable_dropout): otherwise GRPO's first ratio is not 1 (GPT-2, OPT, ...).
+            for module in self.policy.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            if self.hparams.gradient_checkpointing:
+                # No `config.use_cache = False`: transformers drops the cache itself where it checkpoints (grad
+                # mode), rollouts keep theirs, and the exported config would carry it to every later stage.
+                self.policy.gradient_checkpointing_enable()
+        self.configure_frozen_models()
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp*.yaml): FSDP2
+            self._shard(self.device_mesh)
+
+    def configure_frozen_models(self) -> None:
+        """Load the stage's frozen models (teachers, reference) under `frozen_modules`; idempotent. Stages
+        with frozen models override it; `configure_model` shards them with the policy."""
+
+    @property
+    def frozen_dtype(self) -> str:
+        """The dtype frozen models are stored in: the mixed-precision compute dtype when there is one (they take
+        no optimiser step, so they need no float32 master copy), else the policy's."""
+        return self.sharding.param_dtype or self.hparams.dtype
+
+    def _shard(self, mesh) -> None:
+        if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "trainer.strategy.init_args.tensor_parallel_size must be 1: the kit shards data-parallel "
+                "(FSDP2) only; set data_parallel_size to the number of devices × nodes"
+            )
+        dp_mesh = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+        shard_model(self.policy, dp_mesh, self.sharding, field="model.init_args.model")
+        for field, model in self.frozen_models().items():
+            shard_model(model, dp_mesh, self.sharding, field=field, frozen=True)
+        # The state dict leaves the frozen models out (see `state_dict`), and Lightning's full-checkpoint
+        # loader for ModelParallelStrategy asks a strict load for every parameter, frozen ones included.
+        # A sharded checkpoint is still checked key by key by torch.distributed.checkpoint.
+        self.strict_loading = not self.frozen_modules
 
     def load_policy(self, path) -> torch.nn.Module:
         return load_causal_lm(path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
@@ -173,6 +205,9 @@ class PolicyModule(L.LightningModule):
         return self.trainer.datamodule.max_answer_length
 
     def configure_optimizers(self):
+        if self.sharding.cpu_offload and self.device_mesh is not None:
+            for model in (self.policy, *self.frozen_models().values()):
+                offload_sharded_parameters(model)
         optimizer = self.optimizer(self.policy.parameters())
         if self.lr_scheduler is None:
             return optimizer
@@ -186,8 +221,14 @@ class PolicyModule(L.LightningModule):
     def _is_frozen_key(self, key: str) -> bool:
         return any(key.startswith(f"{name}.") for name in self.frozen_modules)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen_key(k)}
+    def state_dict(self, *args, **kwargs):
+        # Lightning's documented way to keep frozen parts out of checkpoints (strategies and sharded
+        # checkpoints included): the state dict never holds them, so no rank gathers or writes teacher weights.
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(prefix) and self._is_frozen_key(k.removeprefix(prefix))]:
+            del state[key]
+        return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -110,9 +110,8 @@ class ColdStart(PolicyModule):
 
     # ------------------------------------------------------------------------------------ building
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        self.teachers.load(dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
+    def configure_frozen_models(self) -> None:
+        self.teachers.load(dtype=self.frozen_dtype, trust_remote_code=self.hparams.trust_remote_code)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -153,7 +152,7 @@ class ColdStart(PolicyModule):
 
     def cache_meta(self) -> dict:
         return cache_meta(
-            teachers=self.teachers, dtype=self.hparams.dtype, tokenizer=self.tokenizer,
+            teachers=self.teachers, dtype=self.frozen_dtype, tokenizer=self.tokenizer,
             tokenizer_dir=self.model_path, sampling=self.sampling, cache_prompts=self.config.cache_prompts,
             seed=self.config.seed, datamodule=self.trainer.datamodule,
         )  # fmt: skip

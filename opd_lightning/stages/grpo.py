@@ -174,12 +174,11 @@ class GRPO(PolicyModule):
             check_same_tokenizer(self.tokenizer, ref_tokenizer, "model.init_args.ref_model")
         self.reference: torch.nn.Module | None = None
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def configure_frozen_models(self) -> None:
         if self.ref_model is not None and self.reference is None:
             self.reference = load_frozen(
                 self.ref_model,
-                dtype=self.hparams.dtype,
+                dtype=self.frozen_dtype,
                 field="model.init_args.ref_model",
                 trust_remote_code=self.hparams.trust_remote_code,
             )

@@ -232,9 +232,8 @@ class MultiExpertOPD(PolicyModule):
 
     # ------------------------------------------------------------------------------------ building
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        self.teachers.load(dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
+    def configure_frozen_models(self) -> None:
+        self.teachers.load(dtype=self.frozen_dtype, trust_remote_code=self.hparams.trust_remote_code)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
