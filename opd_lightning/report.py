@@ -71,7 +71,7 @@ def evaluate_models(paths: dict[str, Path], config_args: list[str]) -> tuple[dic
 
 
 def write_results(out: Path, scores: dict[str, dict[str, list[float]]], specs, walls: dict[str, float],
-                  experts: dict[str, str], student: str = "student") -> dict:
+                  experts: dict[str, str], student: str = "student", base: str = "base") -> dict:
     """results.json, results.md and accuracy.png in `out`; returns the JSON dict."""
     domains = sorted({s.domain for s in specs if s.aligned})
     aligned = {d: [s.name for s in specs if s.aligned and s.domain == d] for d in domains}
@@ -86,12 +86,12 @@ def write_results(out: Path, scores: dict[str, dict[str, list[float]]], specs, w
             results["interval95"][model][d] = list(wilson_interval(sum(values), len(values)))
             results["n"][model][d] = len(values)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(_table(results, specs, domains, experts, student))
+    (out / "results.md").write_text(_table(results, specs, domains, experts, student, base))
     _plot_accuracy(results, domains, out / "accuracy.png")
     return results
 
 
-def _table(results: dict, specs, domains: list[str], experts: dict[str, str], student: str) -> str:
+def _table(results: dict, specs, domains: list[str], experts: dict[str, str], student: str, base: str) -> str:
     ood = [s.name for s in specs if not s.aligned]
     head = ["model", *(f"{d} (aligned)" for d in domains), *(f"{t} (OOD)" for t in ood)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -109,6 +109,16 @@ def _table(results: dict, specs, domains: list[str], experts: dict[str, str], st
             if expert:
                 ratio = results["accuracy"][student][d] / expert
                 lines.append(f"- {d}: student / expert = {ratio:.2f} ({results['accuracy'][student][d]:.3f} / {expert:.3f})")
+        # Every model starts from the base, so the ratio above credits the base's own accuracy; the share of the
+        # expert's gain over the base that each merged model keeps is the figure that tells the merges apart.
+        start = results["accuracy"].get(base, {})
+        for d in domains:
+            expert = results["accuracy"].get(experts.get(d, ""), {}).get(d)
+            if expert is not None and d in start and expert > start[d]:
+                shares = [f"{m} {(acc[d] - start[d]) / (expert - start[d]):+.0%}" for m, acc in results["accuracy"].items()
+                          if m not in (base, *experts.values())]  # fmt: skip
+                lines.append(f"- {d}: share of the expert's gain over the base ({start[d]:.3f} -> {expert:.3f}) kept: "
+                             + ", ".join(shares))
     walls = results["wall_seconds"]
     if walls:
         lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
