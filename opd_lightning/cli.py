@@ -239,6 +239,9 @@ def main(args=None) -> None:
         from opd_lightning.check import check_main
 
         return check_main(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]) or not argv:  # LightningCLI lists only its own subcommands
+        print("opd check --config X.yaml [overrides]: check a stage's config, models and data before a run "
+              "(trains nothing, writes nothing); opd check --help for its options\n")
     build_cli(args)
 
 

@@ -185,3 +185,13 @@ def test_every_stage_is_checkable(capsys, peaked_dir, tmp_path, monkeypatch, nam
         assert status(rows, row) == [expected], (row, rows[row])
     assert status(rows, "step time") == ["ok"]
     assert [p.name for p in tmp_path.iterdir()] == ["small.yaml"], "the ColdStart cache is not written either"
+
+
+def test_opd_help_lists_the_check_subcommand(capsys):
+    from opd_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("opd check --config X.yaml") and "fit" in out
