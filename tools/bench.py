@@ -1,6 +1,6 @@
 """Benchmarks: our OPD and GRPO steps against TRL's trainers on the same tiny models, and what a step costs.
 
-    python tools/bench.py                          # everything (~10 min on the 2-core CPU), into artifacts/bench
+    python tools/bench.py                          # everything (~12 min on the 2-core CPU), into artifacts/bench
     python tools/bench.py --quick --skip-trl       # smoke test: a few steps of each part, no TRL
     python tools/bench.py --only memory --before /work/main   # peak memory, this checkout against another
 
