@@ -277,6 +277,9 @@ class TeacherPool(TeacherRoutes, nn.Module):
         teacher_logprobs = torch.zeros((n, c), dtype=torch.float32, device=device)  # [N, C]
         outputs: dict[str, Tensor] = {}  # logits / support_* fields of TeacherScores
         with_stats = stats and student_logits is not None
+        # the student's logits are made only where something reads them: the diagnostics or its top-k ids
+        if not with_stats and (top_k is None or top_k_from == "teacher"):
+            student_logits = None
         diagnostics = {key: torch.zeros_like(teacher_logprobs) for key in DISTILLATION_STATS if with_stats}
         seconds: dict[str, float] = {}
         tokens: dict[str, int] = {}

@@ -198,6 +198,22 @@ def test_stats_need_the_students_logits_and_describe_the_pair(teachers, tiny_dir
     torch.testing.assert_close(same["student_entropy"], same["teacher_entropy"])
 
 
+def test_the_students_logits_are_made_only_when_the_diagnostics_or_its_top_k_need_them(teachers, tiny_dir, rollout):
+    a, _ = teachers
+    pool = loaded_pool({"default": a})
+    student_model = load_causal_lm(tiny_dir)
+    calls = []
+    student_model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    c = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        student = lazy_completion_logits(student_model, rollout.input_ids, rollout.attention_mask, c)
+    calls.clear()  # the head check's forward
+    pool.score(rollout, student_logits=student, stats=False, top_k=3)  # the teacher's top-k: no student logits
+    assert calls == []
+    pool.score(rollout, student_logits=student, stats=False, top_k=3, top_k_from="union")
+    assert calls, "a union support reads the student's top-k"
+
+
 def test_domains_sharing_a_folder_load_one_teacher(teachers):
     a, b = teachers
     pool = TeacherPool({"math": a, "code": str(a) + "/", "string": b})
