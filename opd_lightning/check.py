@@ -46,8 +46,9 @@ from transformers import GenerationConfig
 from opd_lightning.cli import _REFUSALS, OPDCLI, build_cli, user_error
 from opd_lightning.evaluation import greedy_exact
 from opd_lightning.models import load_tokenizer, tokenizer_differences
+from opd_lightning.ops import LOGIT_CHUNK_ELEMENTS
 from opd_lightning.probe import overlap_probe, probe_batches
-from opd_lightning.rollout import completion_logits, completion_logprobs
+from opd_lightning.rollout import completion_logits, completion_logprobs, lazy_completion_logits
 from opd_lightning.stages import GRPO, SFT, ColdStart, MultiExpertOPD
 from opd_lightning.stages.opd import distillation_loss
 from opd_lightning.teachers import DEFAULT_ROUTE, TeacherPool
@@ -320,12 +321,13 @@ def self_distillation_rows(report: Report, module, batches, tolerance: float) ->
     if isinstance(module, MultiExpertOPD):
         with torch.no_grad():
             rollout = module.sample(module.policy, batch, module.sampling, generator=generator)
-            student = completion_logits(
+            d = module.distill
+            forward = completion_logits if d.needs_teacher_logits else lazy_completion_logits  # as training_step
+            student = forward(
                 module.policy, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
             )  # fmt: skip
             itself = TeacherPool({DEFAULT_ROUTE: module.model_path})
             itself.models[DEFAULT_ROUTE] = module.policy
-            d = module.distill
             scores = itself.score(
                 rollout, student_logits=student, keep_logits=d.needs_teacher_logits, top_k=d.top_k,
                 top_k_from=d.top_k_from, overlap_k=d.overlap_k, micro_batch_size=d.micro_batch_size,
@@ -446,8 +448,17 @@ def memory_row(report: Report, module, data, optimizer_bytes: int | None) -> Non
         if isinstance(module, GRPO):
             rows //= module.config.num_minibatches
     logits = rows * tokens * vocab * width
-    parts.append(f"student logits [{rows}, {tokens}, {vocab}] {_mib(logits)} (+ their gradient)")
-    total += 2 * logits
+    # the sampled-token and top-k OPD losses keep hidden states and make logits a chunk of positions at a time
+    lazy = isinstance(module, MultiExpertOPD) and not module.distill.needs_teacher_logits
+    chunk = min(rows * tokens, max(1, LOGIT_CHUNK_ELEMENTS // vocab))
+    if lazy:
+        hidden = rows * tokens * policy.get_input_embeddings().weight.shape[1] * width
+        parts.append(f"student hidden states [{rows}, {tokens}, H] {_mib(hidden)} (+ their gradient), logits "
+                     f"[{chunk}, {vocab}] at a time (the whole [{rows}, {tokens}, {vocab}] would be {_mib(logits)})")  # fmt: skip
+        total += 2 * hidden + chunk * vocab * 4
+    else:
+        parts.append(f"student logits [{rows}, {tokens}, {vocab}] {_mib(logits)} (+ their gradient)")
+        total += 2 * logits
     if isinstance(module, MultiExpertOPD):
         d = module.distill
         full = rows * tokens * vocab * width
@@ -464,8 +475,12 @@ def memory_row(report: Report, module, data, optimizer_bytes: int | None) -> Non
             teacher = rows * tokens * 4
             parts.append(f"teacher log-probs [{rows}, {tokens}] {_mib(teacher)} (sampled reverse KL)")
         micro = d.micro_batch_size or rows
-        parts.append(f"scoring holds one teacher's [{micro}, {tokens}, {vocab}] logits at a time")
-        total += teacher + micro * tokens * vocab * width
+        if lazy:
+            parts.append(f"scoring holds one teacher's hidden states and [{chunk}, {vocab}] logits at a time")
+            total += teacher + chunk * vocab * 4
+        else:
+            parts.append(f"scoring holds one teacher's [{micro}, {tokens}, {vocab}] logits at a time")
+            total += teacher + micro * tokens * vocab * width
     peak = ""
     if module.device.type == "cuda":
         peak = f"; peak allocated in the timed step {_mib(torch.cuda.max_memory_allocated(module.device))}"

@@ -48,6 +48,7 @@ __all__ = [
     "sampled_reverse_kl",
     "skew_kl",
     "topk_reverse_kl",
+    "topk_reverse_kl_from_logprobs",
 ]
 
 Normalizer = float | Tensor | None
@@ -287,8 +288,30 @@ def topk_reverse_kl(
     Normalisation: ``normalizer`` (default local ``mask.sum()``), see :func:`masked_mean`.
     Metrics: ``reverse_kl`` and the local token means ``student_tail_mass``, ``teacher_tail_mass``.
     """
-    valid = torch.ones_like(support_ids, dtype=torch.bool) if support_valid is None else support_valid.bool()
-    student_lp = support_logprobs(student_logits, support_ids)  # [B, T, K]
+    return topk_reverse_kl_from_logprobs(
+        support_logprobs(student_logits, support_ids),
+        teacher_logprobs,
+        mask,
+        support_valid=support_valid,
+        normalizer=normalizer,
+    )
+
+
+def topk_reverse_kl_from_logprobs(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    support_valid: Tensor | None = None,
+    normalizer: Normalizer = None,
+) -> tuple[Tensor, Metrics]:
+    """:func:`topk_reverse_kl` from the student's log-probs at the support, ``[B, T, K]`` (with grad), rather
+    than its logits: what a caller that never holds the student's ``[B, T, V]`` logits passes
+    (:func:`opd_lightning.ops.gather_logprobs` from hidden states). The gradient still reaches every id
+    through the log-softmax's normaliser. Same value, metrics and normalisation as :func:`topk_reverse_kl`.
+    """
+    student_lp = upcast(student_logprobs)  # [B, T, K]
+    valid = torch.ones_like(student_lp, dtype=torch.bool) if support_valid is None else support_valid.bool()
     # Invalid entries and padded tokens may hold -inf or garbage; zero them before any arithmetic.
     teacher_lp = torch.where(valid & mask.bool().unsqueeze(-1), upcast(teacher_logprobs), 0.0)
     student_tail, teacher_tail = _log_tail(student_lp, valid), _log_tail(teacher_lp, valid)

@@ -7,6 +7,13 @@ top-k supports of the top-k reverse KL. Sampling (:mod:`opd_lightning.rollout`),
 (:mod:`opd_lightning.teachers`), the losses and the diagnostics all read distributions through these,
 so a rollout's behaviour log-probs, a teacher's scores and a loss's log-probs are computed the same way.
 
+**Logits that are never whole.** At a real vocabulary a batch's ``[N, C, V]`` logits are the largest
+tensors of a step (64 rows x 4,096 tokens x 152k ids is 160 GB in float32). :class:`HiddenLogits` keeps the
+final hidden states ``[N, C, H]`` and the LM head instead; :func:`position_chunks` and :func:`logits_at`
+turn a chunk of real (masked-in) positions at a time into logits, and :func:`gather_logprobs` reads
+log-probs at a few ids that way, with autograd, recomputing each chunk in the backward pass (activation
+checkpointing), so memory is O(chunk x V) plus O(N x C x H), not O(N x C x V).
+
 Masked means stay in :mod:`opd_lightning.losses`: a masked mean is where a loss's normalisation lives
 (the ``normalizer`` that keeps a token mean the same under data parallelism), which is a property of
 the loss, not of a log-prob.
@@ -14,13 +21,27 @@ the loss, not of a log-prob.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["kl_divergence", "log_softmax", "support_logprobs", "token_logprobs", "topk_support", "upcast"]
+__all__ = [
+    "LOGIT_CHUNK_ELEMENTS",
+    "HiddenLogits",
+    "gather_logprobs",
+    "kl_divergence",
+    "log_softmax",
+    "logits_at",
+    "position_chunks",
+    "support_logprobs",
+    "token_logprobs",
+    "topk_support",
+    "upcast",
+]
 
 # Elements per float32 chunk when upcasting half-precision logits (256 MiB): bounds the temporary
 # copy however long the batch.
@@ -122,3 +143,97 @@ def topk_support(
     ids = torch.cat([teacher_ids, student_ids], dim=-1)
     valid = torch.cat([torch.ones_like(teacher_ids, dtype=torch.bool), ~duplicate], dim=-1)
     return ids, valid
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits a chunk of positions at a time
+# --------------------------------------------------------------------------------------------------
+
+LOGIT_CHUNK_ELEMENTS = 2**22
+"""Logit elements per chunk of positions (16 MiB in float32): ``2**22 // V`` positions, 27 at Qwen3's
+152k vocabulary, 4,096 at the tiny 1k one (where a tiny batch is one chunk). Each chunk's temporaries
+(log-softmaxes, top-k, diagnostics) are a few times this; a chunk of a few dozen positions still keeps
+the LM head a matrix product, not a vector one."""
+
+
+@dataclass
+class HiddenLogits:
+    """Logits ``[N, C, V]`` kept as the final hidden states ``[N, C, H]`` and the LM head that maps them to
+    logits (``logits = head(hidden)``), so they are only ever made a chunk of positions at a time
+    (:func:`logits_at`). Built by :func:`opd_lightning.rollout.lazy_completion_logits`."""
+
+    hidden: Tensor  # [N, C, H]
+    head: nn.Module  # [..., H] -> [..., V]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.head.weight.shape[0]))
+
+    def __getitem__(self, rows) -> HiddenLogits:
+        return HiddenLogits(self.hidden[rows], self.head)
+
+    def detach(self) -> HiddenLogits:
+        return HiddenLogits(self.hidden.detach(), self.head)
+
+    def dense(self) -> Tensor:
+        """The whole ``[N, C, V]`` logits: for a consumer that needs them all (full-vocabulary losses)."""
+        return self.head(self.hidden)
+
+
+def position_chunks(
+    mask: Tensor, vocab: int, chunk_elements: int | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """The True positions of ``mask [N, C]`` as ``(rows, cols)`` index pairs in row-major order,
+    ``chunk_elements // vocab`` positions (at least 1) per chunk: padding gets no logits at all.
+    ``chunk_elements`` defaults to :data:`LOGIT_CHUNK_ELEMENTS`, read at call time."""
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    size = max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // vocab)
+    return list(zip(rows.split(size), cols.split(size), strict=True))
+
+
+def logits_at(logits: Tensor | HiddenLogits, rows: Tensor, cols: Tensor) -> Tensor:
+    """The logits at positions ``(rows[i], cols[i])``: ``[p, V]``, in the model's dtype."""
+    if isinstance(logits, HiddenLogits):
+        return logits.head(logits.hidden[rows, cols])
+    return logits[rows, cols]
+
+
+def _head_logprobs(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    return support_logprobs(head(hidden), ids, temperature=temperature)
+
+
+def gather_logprobs(
+    logits: Tensor | HiddenLogits,
+    ids: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """``log softmax(logits / temperature)`` read at ``ids`` where ``mask`` is True, 0 elsewhere: ``ids [N, C, K]``
+    and ``mask [N, C]`` -> ``[N, C, K]``, at least float32. Differentiable.
+
+    Dense logits go through :func:`support_logprobs`. :class:`HiddenLogits` are made a chunk of real
+    positions at a time (:func:`position_chunks`); with autograd on and more than one chunk, each chunk is
+    recomputed in the backward pass (``torch.utils.checkpoint``), so only the hidden states are kept and
+    memory is O(chunk x V), at the cost of a second LM-head product per chunk. Used for the student side of
+    the sampled-token and top-k losses (:func:`opd_lightning.stages.opd.distillation_loss`).
+    """
+    mask = mask.bool()
+    if not isinstance(logits, HiddenLogits):
+        values = support_logprobs(logits, ids, temperature=temperature)
+        return torch.where(mask.unsqueeze(-1), upcast(values), 0.0)
+    n, c, k = ids.shape
+    chunks = position_chunks(mask, logits.shape[-1], chunk_elements)
+    recompute = len(chunks) > 1 and torch.is_grad_enabled()
+    pieces = []
+    for rows, cols in chunks:
+        args = (logits.head, logits.hidden[rows, cols], ids[rows, cols], temperature)
+        if recompute:
+            pieces.append(checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(_head_logprobs(*args))
+    if not pieces:
+        return torch.zeros((n, c, k), dtype=torch.float32, device=ids.device)
+    values = torch.cat(pieces)
+    return values.new_zeros((n, c, k)).index_put(mask.nonzero(as_tuple=True), values)

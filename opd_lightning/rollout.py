@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opd_lightning.metrics import token_entropy
-from opd_lightning.ops import token_logprobs
+from opd_lightning.ops import HiddenLogits, token_logprobs
+from opd_lightning.sharding import is_sharded
 
-__all__ = ["Rollout", "SamplingConfig", "completion_logits", "completion_logprobs", "generate", "length_groups"]
+__all__ = [
+    "Rollout",
+    "SamplingConfig",
+    "completion_logits",
+    "completion_logprobs",
+    "generate",
+    "lazy_completion_logits",
+    "length_groups",
+    "output_head",
+]
 
 
 @dataclass
@@ -446,9 +457,70 @@ def completion_logits(
     forward (cut to the batch's own longest prompt and completion): FSDP2 gathers parameters inside each
     forward, so every rank must run the same number of them.
     """
+    return _grouped_forward(_forward_completion, model, input_ids, attention_mask, completion_length)
+
+
+def lazy_completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_length: int
+) -> Tensor | HiddenLogits:
+    """:func:`completion_logits` as :class:`opd_lightning.ops.HiddenLogits` (the final hidden states ``[n, C, H]``
+    and the LM head) where the model allows it, so that no ``[n, C, V]`` tensor is made; the dense logits
+    otherwise. Same forward rule (length groups, position ids); grad mode is the caller's.
+
+    Allowed where :func:`output_head` finds the LM head: an unsharded model whose logits are that head applied
+    to its base model's last hidden state. FSDP2-sharded models stay dense: their LM head belongs to the root's
+    sharded group, gathered only inside the root's forward.
+    """
+    head = output_head(model)
+    if head is None:
+        return completion_logits(model, input_ids, attention_mask, completion_length)
+    return HiddenLogits(
+        _grouped_forward(_forward_hidden, model, input_ids, attention_mask, completion_length), head
+    )
+
+
+_HEADS: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def output_head(model: nn.Module) -> nn.Module | None:
+    """``model``'s LM head if its logits are exactly ``head(model.base_model(...).last_hidden_state)``, else None.
+
+    True of Qwen, Llama, Mistral and GPT-2; not of models that scale or soft-cap their logits (Gemma 2, Cohere,
+    Granite), whose heads a chunked path would silently get wrong, nor of sharded models (see
+    :func:`lazy_completion_logits`). Checked once per model, by one 2-token forward in eval mode (no dropout,
+    no random draw), and remembered.
+    """
+    if is_sharded(model):
+        return None
+    if model not in _HEADS:
+        head, base, found = model.get_output_embeddings(), model.base_model, None
+        if head is not None and base is not model:
+            ids = torch.tensor([[0, 1]], device=head.weight.device)
+            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            training = model.training
+            model.eval()
+            try:
+                full = model(**inputs).logits
+                mine = head(base(**inputs).last_hidden_state)
+            finally:
+                model.train(training)
+            if full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-5):
+                found = head
+        _HEADS[model] = found
+    return _HEADS[model]
+
+
+def _grouped_forward(
+    forward: Callable[[nn.Module, Tensor, Tensor, int], Tensor],
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_length: int,
+) -> Tensor:
     c = completion_length
     if c == 0 or input_ids.shape[0] == 0:
-        return _forward_completion(model, input_ids, attention_mask, c)
+        return forward(model, input_ids, attention_mask, c)
     p = input_ids.shape[1] - c
     mask = attention_mask.bool()
     prompt_lengths, completion_lengths = mask[:, :p].sum(1), mask[:, p:].sum(1)
@@ -459,8 +531,8 @@ def completion_logits(
         pg = int(prompt_lengths[rows].max())
         cg = max(int(completion_lengths[rows].max()), 1)
         ids, att = (input_ids, mask) if whole else (input_ids[rows], mask[rows])
-        logits = _forward_completion(model, ids[:, p - pg : p + cg], att[:, p - pg : p + cg], cg)  # [m, cg, V]
-        pieces.append(F.pad(logits, (0, 0, 0, c - cg)) if cg < c else logits)
+        out = forward(model, ids[:, p - pg : p + cg], att[:, p - pg : p + cg], cg)  # [m, cg, V or H]
+        pieces.append(F.pad(out, (0, 0, 0, c - cg)) if cg < c else out)
     if len(groups) == 1:
         return pieces[0]
     order = torch.cat(groups)
@@ -482,6 +554,17 @@ def _forward_completion(model: nn.Module, input_ids: Tensor, attention_mask: Ten
         **kwargs,
     ).logits
     return logits[:, -(c + 1) : -1]
+
+
+def _forward_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, c: int) -> Tensor:
+    attention_mask = attention_mask.long()
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return hidden[:, -(c + 1) : -1]
 
 
 def completion_logprobs(

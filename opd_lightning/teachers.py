@@ -15,9 +15,11 @@ Mechanics, in the order a batch meets them:
 * **Scoring** (:meth:`TeacherPool.score`) runs each teacher only on the rows routed to it, one
   teacher-forced forward per micro-batch, under ``no_grad``. It returns the teacher log-probs of the sampled
   tokens and, as the loss needs them, either the full teacher logits of the completion positions or only a
-  top-k support (O(k) per token); each micro-batch's logits are freed before the next. Given the student's
-  logits it also returns :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL, entropies, top-k
-  overlap), computed while the full teacher logits are still at hand, so top-k mode monitors the exact KL.
+  top-k support (O(k) per token). Unless the full logits are asked for, the forward stops at the final
+  hidden states and the LM head runs on a chunk of completion positions at a time, each chunk reduced before
+  the next (:mod:`opd_lightning.ops`), so the top-k and sampled-token paths never hold ``[N, C, V]``. Given
+  the student's logits it also returns :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL,
+  entropies, top-k overlap), computed on the same chunks, so top-k mode monitors the exact KL.
 * Teachers stay in eval mode whatever ``.train()`` says, and never hold gradients (``load_frozen``).
 """
 
@@ -35,7 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from opd_lightning.metrics import distillation_stats
+from opd_lightning.metrics import DISTILLATION_STATS, distillation_stats
 from opd_lightning.models import (
     check_local_path,
     check_same_tokenizer,
@@ -43,8 +45,22 @@ from opd_lightning.models import (
     load_tokenizer,
     stop_token_ids,
 )
-from opd_lightning.ops import support_logprobs, token_logprobs, topk_support
-from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+from opd_lightning.ops import (
+    HiddenLogits,
+    logits_at,
+    position_chunks,
+    support_logprobs,
+    token_logprobs,
+    topk_support,
+)
+from opd_lightning.rollout import (
+    Rollout,
+    SamplingConfig,
+    completion_logits,
+    generate,
+    lazy_completion_logits,
+    output_head,
+)
 from opd_lightning.sharding import is_sharded, lockstep_counts
 
 __all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherRoutes", "TeacherScores"]
@@ -195,6 +211,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
                 self.models[name] = load_frozen(
                     path, dtype=dtype, field=self.fields[name], trust_remote_code=trust_remote_code
                 )
+                output_head(self.models[name])  # its one check forward runs here, not in the first scoring
 
     def train(self, mode: bool = True) -> TeacherPool:
         # Lightning calls .train() on the whole LightningModule at fit start: teachers must stay frozen
@@ -221,7 +238,8 @@ class TeacherPool(TeacherRoutes, nn.Module):
         self,
         rollout: Rollout,
         *,
-        student_logits: Tensor | None = None,
+        student_logits: Tensor | HiddenLogits | None = None,
+        stats: bool = True,
         keep_logits: bool = False,
         top_k: int | None = None,
         top_k_from: Literal["teacher", "student", "union"] = "teacher",
@@ -230,34 +248,41 @@ class TeacherPool(TeacherRoutes, nn.Module):
     ) -> TeacherScores:
         """Score the completions of ``rollout`` under each row's routed teacher.
 
-        Each teacher runs only on its rows, ``micro_batch_size`` rows per forward (default: all of them);
-        the micro-batch's ``[m, C, V]`` logits are reduced to what is asked for and freed before the next.
+        Each teacher runs only on its rows, ``micro_batch_size`` rows per forward (default: all of them). Unless
+        ``keep_logits``, a forward yields the teacher's final hidden states
+        (:func:`opd_lightning.rollout.lazy_completion_logits`) and its logits are made
+        :data:`opd_lightning.ops.LOGIT_CHUNK_ELEMENTS` at a time, at completion positions only, each chunk
+        reduced to what is asked for before the next: memory O(k) per token plus one chunk, not O(V).
 
         Args:
             rollout: completions to score; ``rollout.domains`` routes the rows.
-            student_logits: the student's completion logits ``[N, C, V]`` (detached), aligned with the
-                rollout. Needed for ``top_k_from`` "student" / "union" and for the diagnostics in ``stats``.
+            student_logits: the student's completion logits ``[N, C, V]`` (detached; dense or
+                :class:`~opd_lightning.ops.HiddenLogits`), aligned with the rollout. Needed for ``top_k_from``
+                "student" / "union" and for the diagnostics in ``stats``.
+            stats: compute :func:`opd_lightning.metrics.distillation_stats` (when ``student_logits`` is given);
+                the stage turns them off on the steps that do not log them (``distill.stats_every``).
             keep_logits: return the full teacher logits ``[N, C, V]`` (full-vocabulary losses).
             top_k: return a top-k support instead (``ops.topk_support`` + ``ops.support_logprobs``), O(k)
                 per token; ``None`` for none.
             top_k_from: whose top-k ids make the support.
             overlap_k: k of the top-k overlap diagnostic (:func:`opd_lightning.metrics.distillation_stats`).
-            micro_batch_size: rows per teacher forward; bounds the teacher's activation and logit memory.
+            micro_batch_size: rows per teacher forward; bounds the teacher's activation memory.
+
+        Positions outside the completion mask get no logits: there ``logprobs`` and ``stats`` are 0, the support
+        is ids ``0..K-1``, all valid, with log-prob 0 (finite fillers that masked losses never read).
         """
         n, c = rollout.completion_ids.shape
         device = rollout.completion_ids.device
         input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
         teacher_logprobs = torch.zeros((n, c), dtype=torch.float32, device=device)  # [N, C]
         outputs: dict[str, Tensor] = {}  # logits / support_* fields of TeacherScores
-        stats: dict[str, Tensor] = {}
+        with_stats = stats and student_logits is not None
+        # the student's logits are made only where something reads them: the diagnostics or its top-k ids
+        if not with_stats and (top_k is None or top_k_from == "teacher"):
+            student_logits = None
+        diagnostics = {key: torch.zeros_like(teacher_logprobs) for key in DISTILLATION_STATS if with_stats}
         seconds: dict[str, float] = {}
         tokens: dict[str, int] = {}
-
-        def put(store: dict[str, Tensor], key: str, rows: Tensor, value: Tensor) -> None:
-            # Allocated at the first micro-batch, once the vocabulary / support width is known.
-            if key not in store:
-                store[key] = value.new_empty((n, *value.shape[1:]))
-            store[key][rows] = value
 
         routed = self.rows(rollout.domains, device)
         chunks = {name: rows.split(micro_batch_size or len(rows)) for name, rows in routed.items()}
@@ -271,28 +296,39 @@ class TeacherPool(TeacherRoutes, nn.Module):
             rows = routed[name]
             start = time.perf_counter()
             for chunk in chunks[name]:
-                logits = completion_logits(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
-                teacher_logprobs[chunk] = token_logprobs(logits, rollout.completion_ids[chunk])
-                student = None if student_logits is None else student_logits[chunk].detach()
+                forward = completion_logits if keep_logits else lazy_completion_logits
+                teacher = forward(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
                 if keep_logits:
-                    put(outputs, "logits", chunk, logits)
-                if top_k is not None:
-                    ids, valid = topk_support(student, logits, k=top_k, source=top_k_from)  # [m, C, K]
-                    put(outputs, "support_ids", chunk, ids)
-                    put(outputs, "support_valid", chunk, valid)
-                    put(outputs, "support_logprobs", chunk, support_logprobs(logits, ids).float())
-                if student is not None:
-                    for key, value in distillation_stats(student, logits, overlap_k).items():
-                        put(stats, key, chunk, value)
-                del logits  # the next micro-batch's forward may reuse this memory
+                    if "logits" not in outputs:
+                        outputs["logits"] = teacher.new_empty((n, *teacher.shape[1:]))
+                    outputs["logits"][chunk] = teacher
+                student = None if student_logits is None else student_logits[chunk].detach()
+                if top_k is not None and "support_ids" not in outputs:
+                    width = min(top_k, teacher.shape[-1]) * (2 if top_k_from == "union" else 1)
+                    outputs["support_ids"] = torch.arange(width, device=device).expand(n, c, width).clone()
+                    outputs["support_valid"] = torch.ones((n, c, width), dtype=torch.bool, device=device)
+                    outputs["support_logprobs"] = torch.zeros((n, c, width), device=device)
+                for local_rows, cols in position_chunks(mask[chunk], teacher.shape[-1]):
+                    at = (chunk[local_rows], cols)  # these positions in the whole batch
+                    logits = logits_at(teacher, local_rows, cols)  # [p, V]
+                    teacher_logprobs[at] = token_logprobs(logits, rollout.completion_ids[at])
+                    other = None if student is None else logits_at(student, local_rows, cols)  # [p, V]
+                    if top_k is not None:
+                        ids, valid = topk_support(other, logits, k=top_k, source=top_k_from)  # [p, K]
+                        outputs["support_ids"][at], outputs["support_valid"][at] = ids, valid
+                        outputs["support_logprobs"][at] = support_logprobs(logits, ids).float()
+                    if with_stats:
+                        for key, value in distillation_stats(other, logits, overlap_k).items():
+                            diagnostics[key][at] = value
+                del teacher  # the next micro-batch's forward may reuse this memory
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # kernels are asynchronous: time the work, not the launch
             seconds[name] = time.perf_counter() - start
             tokens[name] = int(mask[rows].sum())
         return TeacherScores(
             teacher=self.route(rollout.domains),
-            logprobs=teacher_logprobs.masked_fill_(~mask, 0.0),
-            stats=stats,
+            logprobs=teacher_logprobs,
+            stats=diagnostics,
             seconds=seconds,
             tokens=tokens,
             **outputs,

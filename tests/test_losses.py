@@ -22,8 +22,9 @@ from opd_lightning.losses import (
     sampled_reverse_kl,
     skew_kl,
     topk_reverse_kl,
+    topk_reverse_kl_from_logprobs,
 )
-from opd_lightning.ops import support_logprobs, topk_support
+from opd_lightning.ops import gather_logprobs, support_logprobs, topk_support
 
 B, T, V = 3, 4, 7
 # Ragged: row 0 full, row 1 three tokens, row 2 one token. 8 tokens in all.
@@ -192,6 +193,26 @@ def test_topk_reverse_kl_with_the_whole_vocabulary_equals_full_reverse_kl(dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert loss.item() == pytest.approx(reverse_kl(student, teacher, MASK)[0].item(), abs=tol)
     assert metrics["student_tail_mass"] < 10 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("source", ["teacher", "union"])
+def test_topk_reverse_kl_from_the_students_support_logprobs_equals_the_one_from_its_logits(source):
+    """The hidden-state path passes the student's log-probs at the support, 0 at padding (ops.gather_logprobs):
+    same loss, metrics and gradient as from the logits, and the padding fillers make no nan."""
+    student, teacher = logits(0).requires_grad_(), logits(1)
+    ids, valid = topk_support(student.detach(), teacher, k=3, source=source)
+    teacher_lp = support_logprobs(teacher, ids)
+    loss, metrics = topk_reverse_kl(student, teacher_lp, ids, MASK, support_valid=valid)
+    (grad,) = torch.autograd.grad(loss, student)
+    student_lp = gather_logprobs(student, ids, MASK)
+    assert (student_lp[~MASK] == 0).all()
+    other, other_metrics = topk_reverse_kl_from_logprobs(student_lp, teacher_lp, MASK, support_valid=valid)
+    (other_grad,) = torch.autograd.grad(other, student)
+    assert other.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert other_metrics.keys() == metrics.keys()
+    for key in metrics:
+        assert other_metrics[key].item() == pytest.approx(metrics[key].item(), rel=1e-12), key
+    torch.testing.assert_close(other_grad, grad)
 
 
 def bucketed_reverse_kl_np(s, t, ids, valid):

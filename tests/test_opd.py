@@ -9,11 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from opd_lightning import ops
 from opd_lightning.data import PromptDataModule, TaskSpec
 from opd_lightning.losses import masked_mean
 from opd_lightning.models import load_causal_lm, load_tokenizer
 from opd_lightning.ops import token_logprobs
-from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate
+from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, generate, lazy_completion_logits
 from opd_lightning.stages import WarmupLinearDecay
 from opd_lightning.stages.opd import DistillConfig, MultiExpertOPD, distillation_loss
 from opd_lightning.teachers import TeacherScores
@@ -36,6 +37,7 @@ def teachers(tiny_dir, tmp_path_factory):
 def make(
     tiny_dir, routes, *, tasks=(MATH, STRING), lr=1e-3, batch_size=16, steps=30, sampling=None, **distill
 ):
+    distill.setdefault("stats_every", 1)  # the tests read every step's diagnostics
     module = MultiExpertOPD(
         model=str(tiny_dir),
         teachers={domain: str(path) for domain, path in routes.items()},
@@ -148,6 +150,24 @@ def test_sampled_reverse_kl_makes_the_students_kl_fall(tiny_dir, teachers, tmp_p
 
 
 # -------------------------------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize(("stats_every", "log_every_n_steps"), [(2, 50), (None, 2)], ids=["every-2", "log-cadence"])
+def test_diagnostics_run_on_their_schedule_and_routing_shares_every_step(
+    tiny_dir, teachers, tmp_path, stats_every, log_every_n_steps
+):
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]}, batch_size=8, steps=4,
+                        loss="sampled_reverse_kl", stats_every=stats_every)  # fmt: skip
+    steps = []
+    score = module.teachers.score
+    module.teachers.score = lambda rollout, **kw: steps.append(kw["stats"]) or score(rollout, **kw)
+    rec = Record()
+    fit(module, data, 4, tmp_path, [rec], log_every_n_steps=log_every_n_steps)
+    assert steps == [False, True, False, True], "steps 2 and 4, where a logger with log_every_n_steps=2 writes"
+    assert not any(k.endswith("reverse_kl") and "sampled" not in k for k in rec.rows[0])
+    for row in (rec.rows[1], rec.rows[3]):
+        assert {"train/full_reverse_kl", "train/teacher/math/reverse_kl", "train/domain/string/topk_overlap"} <= set(row)
+    assert all("train/teacher/math/token_fraction" in row for row in rec.rows), "routing shares every step"
 
 
 def test_each_domains_rows_go_only_to_its_teacher(tiny_dir, teachers, tmp_path):
@@ -316,6 +336,46 @@ def test_topk_reverse_kl_with_k_equal_to_the_vocabulary_is_the_full_one(tiny_dir
         torch.testing.assert_close(topk_grad, full_grad, rtol=1e-3, atol=1e-7, msg=source)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [dict(loss="sampled_reverse_kl"), dict(loss="reverse_kl", top_k=4, top_k_from="union")],
+    ids=["sampled_reverse_kl", "top_k-union"],
+)
+def test_the_students_hidden_state_path_gives_the_dense_loss_and_gradient(
+    tiny_dir, teachers, tiny_tokenizer, monkeypatch, fields
+):
+    """What training_step runs for the sampled-token and top-k losses (student and teachers as hidden states, the
+    LM heads run 3 positions at a time and recomputed in the backward pass) against the dense [N, C, V] path."""
+    module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]})
+    module.configure_model()
+    data.setup("fit")
+    batch = data.collate_prompts(data.train_pools["basic_arithmetic"][:3] + data.train_pools["spell_backward"][:3])
+    config = DistillConfig(**fields)
+    temperature = 0.7  # the policy-gradient ratio reads log-probs at the sampling temperature too
+    rollout = generate(module.policy, batch.prompt_ids, batch.prompt_mask,
+                       SamplingConfig(max_new_tokens=6, temperature=temperature),
+                       eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                       domains=batch.domains, generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    def loss_and_grads(forward):
+        module.policy.zero_grad()
+        student = forward(module.policy, rollout.input_ids, rollout.attention_mask, 6)
+        scores = module.teachers.score(rollout, student_logits=student.detach(), top_k=config.top_k,
+                                       top_k_from=config.top_k_from)  # fmt: skip
+        loss, metrics = distillation_loss(config, student, rollout, scores, temperature=temperature)
+        loss.backward()
+        return loss.detach(), metrics, [p.grad.clone() for p in module.policy.parameters()]
+
+    dense, dense_metrics, dense_grads = loss_and_grads(completion_logits)
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 3 * module.policy.config.vocab_size)
+    lazy, lazy_metrics, lazy_grads = loss_and_grads(lazy_completion_logits)
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-7)
+    for key, value in dense_metrics.items():
+        torch.testing.assert_close(lazy_metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for got, want in zip(lazy_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_task_reward_is_added_to_every_tokens_advantage():
     torch.manual_seed(0)
     n, c, v = 4, 5, 7
@@ -359,6 +419,7 @@ def test_task_reward_is_added_to_every_tokens_advantage():
             r"distill\.off_policy_ratio > 0 needs an analytic",
         ),
         (dict(micro_batch_size=0), r"distill\.micro_batch_size"),
+        (dict(stats_every=0), r"distill\.stats_every must be >= 1 or null"),
     ],
 )
 def test_distill_config_rejects_bad_values_naming_the_field(fields, message):

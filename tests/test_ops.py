@@ -63,3 +63,59 @@ def test_kl_divergence_is_exactly_zero_for_identical_inputs_and_matches_the_defi
     p, q = ops.log_softmax(logits(0)), ops.log_softmax(logits(1))
     assert (kl_divergence(p, p) == 0).all()
     torch.testing.assert_close(kl_divergence(p, q), (p.exp() * p).sum(-1) - (p.exp() * q).sum(-1))
+
+
+# ---------------------------------------------------------------------------------- logits from hidden states
+
+H = 5
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # [B, T]
+
+
+def hidden_and_head(seed: int = 0) -> tuple[torch.Tensor, torch.nn.Linear]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g, dtype=torch.float64))
+    return torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True), head
+
+
+def test_position_chunks_cover_the_masked_positions_once_in_order_and_in_budget():
+    chunks = ops.position_chunks(MASK, vocab=V, chunk_elements=2 * V)  # two positions per chunk
+    assert [len(rows) for rows, _ in chunks] == [2, 2, 2, 2]
+    rows = torch.cat([r for r, _ in chunks])
+    cols = torch.cat([c for _, c in chunks])
+    assert torch.equal(torch.stack([rows, cols], dim=1), MASK.nonzero())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_elements", [V, 3 * V, 100 * V], ids=["1-per-chunk", "3-per-chunk", "one-chunk"])
+def test_gather_logprobs_from_hidden_states_matches_the_dense_log_softmax_and_its_gradient(
+    temperature, chunk_elements
+):
+    hidden, head = hidden_and_head()
+    ids = torch.randint(0, V, (B, T, 2), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(B, T, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    # brute force: every position's full log-softmax, read at ids, zero where masked
+    dense = torch.log_softmax(head(hidden) / temperature, -1).gather(-1, ids)
+    expected = torch.where(MASK[..., None], dense, 0.0)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [hidden, head.weight])
+
+    lazy = ops.HiddenLogits(hidden, head)
+    out = ops.gather_logprobs(lazy, ids, MASK, temperature=temperature, chunk_elements=chunk_elements)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, head.weight])  # through the recomputed chunks
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    # the dense form of the same logits gives the same values
+    torch.testing.assert_close(ops.gather_logprobs(head(hidden), ids, MASK, temperature=temperature), expected)
+
+
+def test_hidden_logits_make_only_one_chunk_of_logits_at_a_time():
+    hidden, head = hidden_and_head()
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    ids = torch.zeros(B, T, 1, dtype=torch.long)
+    ops.gather_logprobs(ops.HiddenLogits(hidden, head), ids, MASK, chunk_elements=3 * V).sum().backward()
+    assert seen and all(shape[0] <= 3 and len(shape) == 2 for shape in seen), seen
+    assert sum(shape[0] for shape in seen[:3]) == MASK.sum(), "forward: each real position once, padding never"

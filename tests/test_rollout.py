@@ -519,3 +519,46 @@ def test_grouped_completion_logits_equal_one_padded_forward(family):
     m = rollout.completion_mask
     assert not m.all(), "some rows end early, so some positions are cut"
     torch.testing.assert_close(grouped[m], padded[m], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "gpt2"])
+def test_lazy_completion_logits_are_the_lm_head_of_the_same_forward(family):
+    """Hidden states + LM head (the O(k)-memory scoring path) reproduce the dense teacher-forced logits at every
+    real completion position, ragged batch and length groups included, with the same gradient."""
+    from opd_lightning.ops import HiddenLogits
+    from opd_lightning.rollout import completion_logits, lazy_completion_logits
+
+    model = tiny_model(family=family)  # eval: no dropout, so two forwards agree
+    prompts, prompt_mask = ragged_prompts(lengths=(40, 3, 38, 2, 39, 4))
+    with torch.no_grad():
+        rollout = generate(model, prompts, prompt_mask, SamplingConfig(max_new_tokens=6),
+                           eos_token_id=[EOS, 2, 3, 4], pad_token_id=PAD, generator=torch.Generator().manual_seed(1))  # fmt: skip
+    c, m = rollout.completion_ids.shape[1], rollout.completion_mask
+    lazy = lazy_completion_logits(model, rollout.input_ids, rollout.attention_mask, c)
+    dense = completion_logits(model, rollout.input_ids, rollout.attention_mask, c)
+    assert isinstance(lazy, HiddenLogits) and lazy.shape == dense.shape
+    torch.testing.assert_close(lazy.dense()[m], dense[m], atol=1e-5, rtol=0)
+    (lazy_grad,) = torch.autograd.grad(lazy.dense()[m].logsumexp(-1).sum(), model.get_output_embeddings().weight)
+    (dense_grad,) = torch.autograd.grad(dense[m].logsumexp(-1).sum(), model.get_output_embeddings().weight)
+    torch.testing.assert_close(lazy_grad, dense_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_whose_logits_are_not_its_heads_output_stays_dense():
+    """Gemma 2 soft-caps its logits (tanh): applying its LM head to the hidden states would be wrong, so
+    lazy_completion_logits falls back to the dense forward, and a plain model keeps its training mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from opd_lightning.rollout import completion_logits, lazy_completion_logits, output_head
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=PAD,
+                          final_logit_softcapping=2.0)  # fmt: skip
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(config)
+    assert output_head(gemma) is None and gemma.training
+    prompts, mask = ragged_prompts()
+    out = lazy_completion_logits(gemma, prompts, mask, 2)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, completion_logits(gemma, prompts, mask, 2))
+    qwen = tiny_model().train()
+    assert output_head(qwen) is qwen.get_output_embeddings() and qwen.training

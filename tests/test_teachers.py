@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from opd_lightning import ops
+from opd_lightning.metrics import DISTILLATION_STATS, distillation_stats
 from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
-from opd_lightning.ops import support_logprobs
-from opd_lightning.rollout import SamplingConfig, completion_logits, completion_logprobs, generate
+from opd_lightning.ops import HiddenLogits, support_logprobs, topk_support
+from opd_lightning.rollout import (
+    SamplingConfig,
+    completion_logits,
+    completion_logprobs,
+    generate,
+    lazy_completion_logits,
+)
 from opd_lightning.seeding import row_uniforms
 from opd_lightning.teachers import TeacherPool
 
@@ -119,9 +127,63 @@ def test_topk_support_is_the_teachers_own_log_probs_at_its_top_ids(teachers, rol
     a, _ = teachers
     pool = loaded_pool({"default": a})
     scores = pool.score(rollout, keep_logits=True, top_k=3)
+    mask = rollout.completion_mask
     assert scores.support_ids.shape == (*rollout.completion_ids.shape, 3)
-    assert torch.equal(scores.support_ids, scores.logits.topk(3, dim=-1).indices)
-    torch.testing.assert_close(scores.support_logprobs, support_logprobs(scores.logits, scores.support_ids))
+    assert torch.equal(scores.support_ids[mask], scores.logits.topk(3, dim=-1).indices[mask])
+    expected = support_logprobs(scores.logits, scores.support_ids)
+    torch.testing.assert_close(scores.support_logprobs[mask], expected[mask])
+    # padding gets no logits: finite fillers a masked loss never reads
+    assert (scores.support_ids[~mask] == torch.arange(3)).all() and scores.support_valid[~mask].all()
+    assert (scores.support_logprobs[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("source", ["teacher", "union"])
+def test_scoring_from_hidden_states_in_small_chunks_equals_brute_force_on_the_full_logits(
+    teachers, tiny_dir, rollout, monkeypatch, source
+):
+    """The O(k) path (teacher and student as hidden states, the LM head run on 5 positions at a time) gives
+    the sampled-token log-probs, top-k support and diagnostics of the full [N, C, V] logits."""
+    a, b = teachers
+    pool = loaded_pool({"math": a, "default": b})
+    student_model = load_causal_lm(tiny_dir)
+    c = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        student_dense = completion_logits(student_model, rollout.input_ids, rollout.attention_mask, c)
+        student_lazy = lazy_completion_logits(student_model, rollout.input_ids, rollout.attention_mask, c)
+        teacher_dense = pool.score(rollout, keep_logits=True).logits  # [N, C, V], brute force below
+    assert isinstance(student_lazy, HiddenLogits)
+    vocab = teacher_dense.shape[-1]
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 5 * vocab)
+    heads_saw = []
+    for model in pool.models.values():
+        model.get_output_embeddings().register_forward_hook(lambda m, i, out: heads_saw.append(out.shape[0]))
+    scores = pool.score(rollout, student_logits=student_lazy, top_k=4, top_k_from=source, overlap_k=3)
+    assert scores.logits is None and heads_saw and max(heads_saw) <= 5, "never more than a chunk of logits"
+
+    mask = rollout.completion_mask
+    expected_lp = torch.log_softmax(teacher_dense, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(scores.logprobs, torch.where(mask, expected_lp, 0.0), rtol=0, atol=1e-5)
+    ids, valid = topk_support(student_dense, teacher_dense, k=4, source=source)
+    assert torch.equal(scores.support_ids[mask], ids[mask])
+    assert torch.equal(scores.support_valid[mask], valid[mask])
+    expected_support = support_logprobs(teacher_dense, ids)
+    torch.testing.assert_close(scores.support_logprobs[mask], expected_support[mask], rtol=0, atol=1e-5)
+    expected_stats = distillation_stats(student_dense, teacher_dense, overlap_k=3)
+    for key, value in expected_stats.items():
+        torch.testing.assert_close(scores.stats[key][mask], value[mask], rtol=0, atol=1e-5, msg=key)
+        assert (scores.stats[key][~mask] == 0).all()
+
+
+def test_stats_can_be_skipped_while_the_student_still_makes_the_support(teachers, tiny_dir, rollout):
+    a, _ = teachers
+    pool = loaded_pool({"default": a})
+    c = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        student = completion_logits(load_causal_lm(tiny_dir), rollout.input_ids, rollout.attention_mask, c)
+    with_stats = pool.score(rollout, student_logits=student, top_k=3, top_k_from="student")
+    without = pool.score(rollout, student_logits=student, stats=False, top_k=3, top_k_from="student")
+    assert without.stats == {} and set(with_stats.stats) == set(DISTILLATION_STATS)
+    assert torch.equal(without.support_ids, with_stats.support_ids)
 
 
 def test_stats_need_the_students_logits_and_describe_the_pair(teachers, tiny_dir, rollout):
@@ -134,6 +196,22 @@ def test_stats_need_the_students_logits_and_describe_the_pair(teachers, tiny_dir
     assert same["reverse_kl"][mask].abs().max() < 1e-5
     assert (same["topk_overlap"][mask] == 1).all()
     torch.testing.assert_close(same["student_entropy"], same["teacher_entropy"])
+
+
+def test_the_students_logits_are_made_only_when_the_diagnostics_or_its_top_k_need_them(teachers, tiny_dir, rollout):
+    a, _ = teachers
+    pool = loaded_pool({"default": a})
+    student_model = load_causal_lm(tiny_dir)
+    calls = []
+    student_model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    c = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        student = lazy_completion_logits(student_model, rollout.input_ids, rollout.attention_mask, c)
+    calls.clear()  # the head check's forward
+    pool.score(rollout, student_logits=student, stats=False, top_k=3)  # the teacher's top-k: no student logits
+    assert calls == []
+    pool.score(rollout, student_logits=student, stats=False, top_k=3, top_k_from="union")
+    assert calls, "a union support reads the student's top-k"
 
 
 def test_domains_sharing_a_folder_load_one_teacher(teachers):

@@ -41,11 +41,11 @@ from opd_lightning.losses import (
     reverse_kl,
     sampled_reverse_kl,
     skew_kl,
-    topk_reverse_kl,
+    topk_reverse_kl_from_logprobs,
 )
 from opd_lightning.metrics import DISTILLATION_STATS, DomainMean
-from opd_lightning.ops import token_logprobs
-from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits
+from opd_lightning.ops import HiddenLogits, gather_logprobs
+from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, lazy_completion_logits
 from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.stages.overlap_cold_start import OverlapColdStart, describe, run_overlap_cold_start
@@ -86,6 +86,12 @@ class DistillConfig:
     student; analytic losses only. 0 = fully on-policy."""
     overlap_k: int = 8
     """k of the logged top-k overlap / shared-mass diagnostics."""
+    stats_every: int | None = None
+    """Compute the per-teacher / per-domain diagnostics (exact full-vocabulary reverse KL, entropies, top-k
+    overlap: metrics.distillation_stats) on every this many optimiser steps only; at a real vocabulary they cost
+    most of the scoring time. null = on the steps the logger writes (trainer.log_every_n_steps), so what the
+    logs show is what computing them at every step would show. Each logged figure is exact for the step it is
+    logged at (every completion token of that batch); the steps in between log none."""
     micro_batch_size: int | None = None
     """Rows per teacher forward (bounds teacher activation and logit memory); null = all routed rows."""
 
@@ -126,6 +132,10 @@ class DistillConfig:
             raise ValueError(f"distill.overlap_k must be >= 1, got {self.overlap_k}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"distill.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+        if self.stats_every is not None and self.stats_every < 1:
+            raise ValueError(
+                f"distill.stats_every must be >= 1 or null (the logging cadence), got {self.stats_every}"
+            )
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -135,7 +145,7 @@ class DistillConfig:
 
 def distillation_loss(
     config: DistillConfig,
-    student_logits: Tensor,
+    student_logits: Tensor | HiddenLogits,
     rollout: Rollout,
     scores: TeacherScores,
     *,
@@ -145,18 +155,24 @@ def distillation_loss(
 ) -> tuple[Tensor, Metrics]:
     """The loss ``config.loss`` of the student's completion logits ``[N, C, V]`` against the routed teachers.
 
-    Distributions are compared at temperature 1. For ``sampled_reverse_kl`` the policy-gradient ratio uses
+    ``student_logits`` may be :class:`~opd_lightning.ops.HiddenLogits`: the sampled-token and top-k losses then
+    read the student's log-probs a chunk of positions at a time (:func:`opd_lightning.ops.gather_logprobs`),
+    never holding ``[N, C, V]``; the full-vocabulary losses make the dense logits. Distributions are compared
+    at temperature 1. For ``sampled_reverse_kl`` the policy-gradient ratio uses
     the student's log-probs at the sampling ``temperature`` (that of ``rollout.logprobs``), and
     ``task_advantages [N]`` (already normalised) is added to every token's advantage, times
     ``config.reward_weight``. Normalisation: ``normalizer`` (the stage passes the DDP-invariant token count).
     """
     mask = rollout.completion_mask  # [N, C]
     if config.loss == "sampled_reverse_kl":
-        logp = token_logprobs(student_logits, rollout.completion_ids)  # [N, C], with grad
+        sampled = rollout.completion_ids.unsqueeze(-1)  # [N, C, 1]
+
+        def sampled_logprobs(tau: float) -> Tensor:  # [N, C], with grad
+            return gather_logprobs(student_logits, sampled, mask, temperature=tau).squeeze(-1)
+
+        logp = sampled_logprobs(1.0)
         # the importance ratio compares like with like: rollout.logprobs are at the sampling temperature
-        sampling_logp = logp
-        if temperature != 1.0:
-            sampling_logp = token_logprobs(student_logits, rollout.completion_ids, temperature=temperature)
+        sampling_logp = logp if temperature == 1.0 else sampled_logprobs(temperature)
         advantages = distillation_advantages(
             logp.detach(), scores.logprobs, mask, coef=config.kl_coef, discount=config.discount
         )
@@ -165,13 +181,15 @@ def distillation_loss(
         loss, metrics = policy_gradient_loss(
             sampling_logp, rollout.logprobs, advantages, mask, clip_eps=config.clip_eps, normalizer=normalizer
         )
-        _, sampled = sampled_reverse_kl(logp.detach(), scores.logprobs, mask)
-        return loss, {**metrics, **sampled, "advantage_mean": masked_mean(advantages, mask)}
+        _, estimates = sampled_reverse_kl(logp.detach(), scores.logprobs, mask)
+        return loss, {**metrics, **estimates, "advantage_mean": masked_mean(advantages, mask)}
     if config.loss == "reverse_kl" and config.top_k is not None:
-        return topk_reverse_kl(
-            student_logits, scores.support_logprobs, scores.support_ids, mask,
+        return topk_reverse_kl_from_logprobs(
+            gather_logprobs(student_logits, scores.support_ids, mask), scores.support_logprobs, mask,
             support_valid=scores.support_valid, normalizer=normalizer,
         )  # fmt: skip
+    if isinstance(student_logits, HiddenLogits):
+        student_logits = student_logits.dense()
     teacher_logits = scores.logits
     if config.loss == "reverse_kl":
         return reverse_kl(student_logits, teacher_logits, mask, normalizer=normalizer)
@@ -243,6 +261,7 @@ class MultiExpertOPD(PolicyModule):
         names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in DISTILLATION_STATS]
         names += [f"domain/{d}/{s}" for d in datamodule.domains for s in DISTILLATION_STATS]
         names += [f"accuracy/{d}" for d in datamodule.domains]
+        names += [f"tokens/{t}" for t in self.teachers.names]
         self.train_stats = DomainMean(names)
 
     def max_new_tokens(self) -> int:
@@ -281,13 +300,17 @@ class MultiExpertOPD(PolicyModule):
             rollout = self.sample(self.policy, batch, self.sampling, uniforms=uniforms)
         mask = rollout.completion_mask  # [N, C]
 
-        # 2. the student's distributions at the sampled positions (with grad), the routed teachers' (without)
-        student_logits = completion_logits(
+        # 2. the student's distributions at the sampled positions (with grad), the routed teachers' (without);
+        # the sampled-token and top-k losses keep the student's as hidden states, never [N, C, V] logits
+        forward = completion_logits if self.distill.needs_teacher_logits else lazy_completion_logits
+        student_logits = forward(
             self.policy, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         )  # [N, C, V]
+        stats = self._stats_due()
         scores = self.teachers.score(
             rollout,
-            student_logits=student_logits.detach(),
+            student_logits=student_logits.detach() if stats or self.distill.top_k_from != "teacher" else None,
+            stats=stats,
             keep_logits=self.distill.needs_teacher_logits,
             top_k=self.distill.top_k,
             top_k_from=self.distill.top_k_from,
@@ -321,6 +344,12 @@ class MultiExpertOPD(PolicyModule):
 
     # ------------------------------------------------------------------------------------ helpers
 
+    def _stats_due(self) -> bool:
+        """Whether this optimiser step computes the diagnostics (``distill.stats_every``); the same on every rank
+        and micro-batch. Lightning's logger writes when ``(step + 1) % log_every_n_steps == 0``."""
+        every = self.distill.stats_every or self.trainer.log_every_n_steps
+        return every > 0 and (self.trainer.global_step + 1) % every == 0
+
     def _off_policy_batch(self) -> bool:
         """GKD's coin, one per optimiser step: the same on every rank and micro-batch (seeded by the step only),
         so ranks roll out in lockstep and a step is on- or off-policy whatever its decomposition."""
@@ -333,20 +362,24 @@ class MultiExpertOPD(PolicyModule):
     def _log_routed(
         self, rollout: Rollout, scores: TeacherScores, reward: Tensor, exact: Tensor, off_policy: bool
     ) -> None:
-        """Diagnostics per teacher and per domain (token-weighted, summed across ranks by DomainMean),
-        train accuracy (exact match) per domain, the share of tokens each teacher scored, its throughput."""
+        """Diagnostics per teacher and per domain (token-weighted, summed across ranks by DomainMean) on the steps
+        that computed them, train accuracy (exact match) per domain, the share of tokens each teacher scored,
+        its throughput."""
         mask = rollout.completion_mask
         lengths = mask.sum(-1).float()  # [N]
-        for stat in DISTILLATION_STATS:
+        for stat in scores.stats:
             per_row = torch.where(mask, scores.stats[stat], 0.0).sum(-1) / lengths.clamp(min=1)  # [N]
             self.train_stats.update(per_row, [f"teacher/{t}/{stat}" for t in scores.teacher], weights=lengths)
             self.train_stats.update(per_row, [f"domain/{d}/{stat}" for d in rollout.domains], weights=lengths)
+        # every step, stats or not: the token counts the routing shares below are read from
+        ones = torch.ones_like(lengths)
+        self.train_stats.update(ones, [f"tokens/{t}" for t in scores.teacher], weights=lengths)
         if not off_policy:  # accuracy of the student's own samples, not the teachers'
             self.train_stats.update(exact, [f"accuracy/{d}" for d in rollout.domains])
         values, counts = self.train_stats.compute(), self.train_stats.counts()
         self.train_stats.reset()
-        self.log_dict({f"train/{k}": v for k, v in values.items()})
-        routed = {t: counts[f"teacher/{t}/reverse_kl"] for t in self.teachers.names}
+        self.log_dict({f"train/{k}": v for k, v in values.items() if not k.startswith("tokens/")})
+        routed = {t: counts[f"tokens/{t}"] for t in self.teachers.names}
         total = sum(routed.values()).clamp(min=1)
         self.log_dict({f"train/teacher/{t}/token_fraction": n / total for t, n in routed.items()})
         self.log_dict(
@@ -357,7 +390,8 @@ class MultiExpertOPD(PolicyModule):
         )
         seconds = sum(scores.seconds.values())
         self.log("train/teacher_tokens_per_s", sum(scores.tokens.values()) / max(seconds, 1e-9))
-        self.log("train/full_reverse_kl", masked_mean(scores.stats["reverse_kl"], mask), prog_bar=True)
+        if scores.stats:
+            self.log("train/full_reverse_kl", masked_mean(scores.stats["reverse_kl"], mask), prog_bar=True)
         self.log("train/reward", reward.mean())
         self.log("train/completion_length", lengths.mean())
         self.log("train/truncated_fraction", rollout.is_truncated.float().mean())
