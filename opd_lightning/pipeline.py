@@ -46,6 +46,8 @@ class Stage:
     """The stage whose export is the starting policy; None builds the tiny model from scratch."""
     teachers: dict[str, str] = field(default_factory=dict)
     """domain -> the stage whose export teaches it (OPD, sft-merge)."""
+    overrides: tuple[str, ...] = ()
+    """CLI arguments after the YAMLs, the quick overlay included: the variants of opd_lightning/experiments.py."""
 
 
 DOMAINS = ("math", "string")
@@ -71,6 +73,8 @@ def fit_command(stage: Stage, out: Path, quick: bool) -> list[str]:
            "--config", str(CONFIGS / f"{stage.config}.yaml")]  # fmt: skip
     if quick:
         cmd += ["--config", str(QUICK)]
+    cmd += stage.overrides
+    # an absolute stage.model or teacher (another output folder, as experiments use) stays as it is: out / "/x" = "/x"
     model = out / stage.model / "hf" if stage.model else out / "tiny-1m"
     cmd += [
         f"--model.init_args.model={model}",
@@ -94,8 +98,10 @@ def run_dir(out: Path, stage: Stage) -> Path:
     return out / "runs" / stage.name / "version_0"
 
 
-def run_stage(i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, float]) -> None:
-    tag = f"({i}/{len(STAGES)}) {stage.name}"
+def run_stage(
+    i: int, stage: Stage, out: Path, quick: bool, walls: dict[str, float], total: int = len(STAGES)
+) -> None:
+    tag = f"({i}/{total}) {stage.name}"
     if (out / stage.name / "hf" / "config.json").is_file():
         log(f"{tag}: done earlier ({out / stage.name / 'hf'}), skipped")
         return

@@ -20,9 +20,9 @@ from opd_lightning.evaluation import evaluate_policy, wilson_interval
 __all__ = ["evaluate_models", "read_scalars", "write_results"]
 
 
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(logdir: str | Path, wall_time: bool = False) -> dict[str, list[tuple[int, float]]]:
     """Every scalar curve of a TensorBoard run: ``{tag: [(step, value), ...]}`` sorted by step, one value per
-    step ({} if there is none)."""
+    step ({} if there is none); with ``wall_time``, the Unix time each point was logged instead of its value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not Path(logdir).is_dir():
@@ -33,7 +33,9 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            curves.setdefault(tag, {}).update((e.step, e.value) for e in acc.Scalars(tag))
+            curves.setdefault(tag, {}).update(
+                (e.step, e.wall_time if wall_time else e.value) for e in acc.Scalars(tag)
+            )
     return {tag: sorted(points.items()) for tag, points in curves.items()}
 
 

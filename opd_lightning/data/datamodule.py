@@ -267,7 +267,9 @@ class PromptDataModule(L.LightningDataModule):
                 one). None encodes at every start.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        # logger=False: HParamsWithFinalMetrics records these as data.* at fit end; Lightning's fit-start merge
+        # with the stage's hparams would refuse a stage `seed` (MultiExpertOPD's rollouts) unlike data.seed
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         self.specs = list(tasks) if tasks is not None else list(DEFAULT_TASKS)
         if not self.specs:
             raise ValueError("data.tasks is empty: list at least one task")
