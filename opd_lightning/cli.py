@@ -118,6 +118,23 @@ def user_error(err: BaseException, *, ours_only: bool) -> BaseException | None:
     return None
 
 
+def _refuse_none_text(cfg: Namespace, prefix: str = "") -> None:
+    """Refuse the text 'None' anywhere in the config. jsonargparse (4.53) turns `--a.init_args.b.c=null` on the
+    command line into the string 'None' when `c` is a field of a dataclass argument of a class_path model: a
+    cache_dir: null then writes a folder named None. (In YAML, `None` is the text 'None' too; null is null.)"""
+    for key, value in vars(cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Namespace):
+            _refuse_none_text(value, f"{name}.")
+        elif value == "None":
+            parent, _, field = name.rpartition(".")
+            refuse(
+                f"{name}: the text 'None'. For no value write null in YAML; on the command line, where "
+                f"--{name}=null arrives as the text 'None' inside a dataclass option, write "
+                f"--{parent}='{{\"{field}\": null}}' or set it in a YAML file."
+            )
+
+
 def _created_root(path: Path) -> Path | None:
     """The outermost folder of `path` that does not exist yet: what a run writing to `path` would create."""
     path = path.absolute()
@@ -138,6 +155,8 @@ class OPDCLI(LightningCLI):
         parser.link_arguments("model.train_format", "data.train_format", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            _refuse_none_text(self.config[self.subcommand])
         if self.subcommand is not None and self.config[self.subcommand].get("ckpt_path") == "last":
             self._resolve_last_checkpoint(self.config[self.subcommand])
 

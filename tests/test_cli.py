@@ -264,6 +264,20 @@ def test_refusals_are_a_few_lines_naming_the_field(tiny_dir, tmp_path, monkeypat
     assert not any(tmp_path.glob("runs/*/version_*")), "a refused run leaves no log folder behind"
 
 
+def test_null_in_a_dataclass_option_on_the_command_line_is_refused_not_read_as_the_text_none(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    # jsonargparse turns `=null` inside a dataclass option of a class_path model into the text 'None': before,
+    # cold_start.cache_dir=null wrote the teacher-sample cache into a folder named "None"
+    monkeypatch.chdir(tmp_path)
+    yaml = str(REPO / "configs" / "tiny" / "cold_start.yaml")
+    args = ["--config", DEFAULTS, "--config", yaml, *model_path_overrides(yaml, tiny_dir)]
+    err = refusal(capsys, [*args, "--model.init_args.cold_start.cache_dir=null"])
+    assert "model.init_args.cold_start.cache_dir: the text 'None'" in err
+    assert """--model.init_args.cold_start='{"cache_dir": null}'""" in err
+    assert not (tmp_path / "None").exists()
+
+
 def test_a_refusal_from_a_stage_set_up_removes_the_run_folder_it_created(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     opd_yaml = str(REPO / "configs" / "tiny" / "opd.yaml")
