@@ -105,17 +105,16 @@ def _table(results: dict, specs, domains: list[str], experts: dict[str, str], st
     n = {d: results["n"][next(iter(results["n"]))][d] for d in domains}
     lines += ["", "Exact-match greedy accuracy on held-out prompts (" + ", ".join(f"{d}: {n[d]}" for d in domains)
               + " per model), 95% Wilson interval in brackets.", ""]
+    experts_accuracy = {d: results["accuracy"].get(experts.get(d, ""), {}).get(d) for d in domains}
     if student in results["accuracy"]:
-        for d in domains:
-            expert = results["accuracy"].get(experts.get(d, ""), {}).get(d)
+        for d, expert in experts_accuracy.items():
             if expert:
                 ratio = results["accuracy"][student][d] / expert
                 lines.append(f"- {d}: student / expert = {ratio:.2f} ({results['accuracy'][student][d]:.3f} / {expert:.3f})")
         # Every model starts from the base, so the ratio above credits the base's own accuracy; the share of the
         # expert's gain over the base that each merged model keeps is the figure that tells the merges apart.
         start = results["accuracy"].get(base, {})
-        for d in domains:
-            expert = results["accuracy"].get(experts.get(d, ""), {}).get(d)
+        for d, expert in experts_accuracy.items():
             if expert is not None and d in start and expert > start[d]:
                 shares = [f"{m} {(acc[d] - start[d]) / (expert - start[d]):+.0%}" for m, acc in results["accuracy"].items()
                           if m not in (base, *experts.values())]  # fmt: skip

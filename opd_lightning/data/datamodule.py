@@ -315,6 +315,7 @@ class PromptDataModule(L.LightningDataModule):
         self.train_format = train_format
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.write_cache = True  # `opd check` reads the cache but writes nothing
+        self._encoding_key = None  # the tokenizer's and settings' part of every cache key (see _encoded)
         self.domains = sorted(set().union(*task_domains))
         self.aligned_domains = aligned_domains  # what a stage is judged on
         self.ood_domains = sorted(set().union(*(d for d, s in zip(task_domains, self.specs) if not s.aligned)))
@@ -365,10 +366,13 @@ class PromptDataModule(L.LightningDataModule):
         questions = [item["question"] for item in items]
         path = None
         if self.cache_dir is not None and self.tokenizer.is_fast:  # a slow tokenizer has no serialised form
-            key = hashlib.blake2b(digest_size=16)
-            for part in (ENCODING_CACHE_FORMAT, self.tokenizer.backend_tokenizer.to_str(), self.tokenizer.chat_template,
-                         self.tokenizer.eos_token, self.system_prompt, self.train_format):  # fmt: skip
-                key.update(json.dumps(part).encode() + b"\0")
+            if self._encoding_key is None:  # what every task's key shares, hashed once (a real tokenizer is MBs)
+                self._encoding_key = hashlib.blake2b(digest_size=16)
+                for part in (ENCODING_CACHE_FORMAT, self.tokenizer.backend_tokenizer.to_str(),
+                             self.tokenizer.chat_template, self.tokenizer.eos_token, self.system_prompt,
+                             self.train_format):  # fmt: skip
+                    self._encoding_key.update(json.dumps(part).encode() + b"\0")
+            key = self._encoding_key.copy()
             for item in items:
                 key.update(json.dumps([item["question"], str(item["answer"])]).encode() + b"\0")
             path = self.cache_dir / f"{key.hexdigest()}.pt"
