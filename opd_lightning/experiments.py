@@ -104,11 +104,20 @@ def first(curves: dict, tag: str) -> float | None:
 
 def final(curves: dict, tag: str) -> float | None:
     """The mean of the last FINAL_SHARE of a train curve's points (at least one)."""
+    return _share_mean(curves, tag, at_end=True)
+
+
+def initial(curves: dict, tag: str) -> float | None:
+    """The mean of the first FINAL_SHARE of a train curve's points (at least one)."""
+    return _share_mean(curves, tag, at_end=False)
+
+
+def _share_mean(curves: dict, tag: str, at_end: bool) -> float | None:
     points = curves.get(tag)
     if not points:
         return None
-    tail = points[-max(1, math.ceil(FINAL_SHARE * len(points))) :]
-    return statistics.fmean(v for _, v in tail)
+    n = max(1, math.ceil(FINAL_SHARE * len(points)))
+    return statistics.fmean(v for _, v in (points[-n:] if at_end else points[:n]))
 
 
 def domains_of(curves: dict, prefix: str, stat: str = "") -> list[str]:
@@ -383,14 +392,6 @@ def overlap_plan(ctx: Context):
         runs["opd_from_main_base"][s] = ctx.run("opd_from_main_base", "opd", s)
         order += [cold, runs["opd"][s], runs["cold_start_then_opd"][s], runs["opd_from_main_base"][s]]
     return order, runs
-
-
-def initial(curves: dict, tag: str) -> float | None:
-    """The mean of the first FINAL_SHARE of a train curve's points (at least one)."""
-    points = curves.get(tag)
-    if not points:
-        return None
-    return statistics.fmean(v for _, v in points[: max(1, math.ceil(FINAL_SHARE * len(points)))])
 
 
 def overlap_report(ctx: Context, runs: dict[str, dict[int, Path]]) -> dict:
