@@ -15,10 +15,11 @@ Outputs:
     DIR/NAME/results.json, results.md, NAME.png  every variant: mean and spread (min-max) over seeds
     DIR/logs/<run>.log, DIR/wall_seconds.json   each run's console output and wall time
 
-Seeds (1..N) set each run's sampling seed (the stage's rollout or teacher-sampling seed) and `seed_everything`.
-`data.seed` stays that of configs/tiny/defaults.yaml: it also draws every task's held-out split, so another value
-would validate on prompts the shared base and experts were trained on. Every run of a variant therefore sees the
-same prompt stream; the spread is that of sampling. `--quick` appends configs/tiny/quick.yaml to every run (4
+Seeds (1..N) set each run's sampling seed (the stage's rollout or teacher-sampling seed), `seed_everything` and
+`data.stream_seed` (which training prompts each step draws). `data.seed` stays that of configs/tiny/defaults.yaml:
+it draws every task's held-out split, so another value would validate on prompts the shared base and experts were
+trained on. The spread over seeds is thus that of the prompt stream and of sampling, from shared base and
+experts (their own seed variance is not in it). `--quick` appends configs/tiny/quick.yaml to every run (4
 steps, CI's smoke run: the figures mean nothing) and defaults to one seed.
 """
 
@@ -197,7 +198,8 @@ class Context:
             config,
             model=model or str(self.pipeline / "base"),
             teachers=self.teachers if teachers is None else teachers,
-            overrides=(*EVERY_STEP, f"--seed_everything={seed}", f"{SEED_FIELDS[config]}={seed}", *overrides),
+            overrides=(*EVERY_STEP, f"--seed_everything={seed}", f"{SEED_FIELDS[config]}={seed}",
+                       f"--data.stream_seed={seed}", *overrides),
         )
 
 

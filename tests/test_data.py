@@ -34,6 +34,19 @@ def test_stream_is_deterministic_under_a_seed_and_changes_with_it(tiny_tokenizer
     assert not torch.equal(a.prompt_ids, c.prompt_ids)
 
 
+def test_stream_seed_varies_the_batches_but_not_the_items_or_the_held_out_split(tiny_tokenizer):
+    base, same, other = make(tiny_tokenizer, seed=1), make(tiny_tokenizer, seed=1, stream_seed=1), \
+        make(tiny_tokenizer, seed=1, stream_seed=7)
+    for dm in (base, same, other):
+        dm.setup()
+    assert [e.prompt_ids for e in other.val_examples] == [e.prompt_ids for e in base.val_examples]
+    assert {k: [e.prompt_ids for e in v] for k, v in other.train_pools.items()} == \
+        {k: [e.prompt_ids for e in v] for k, v in base.train_pools.items()}
+    a, b, c = (next(iter(dm.train_dataloader())) for dm in (base, same, other))
+    assert torch.equal(a.prompt_ids, b.prompt_ids), "stream_seed defaults to seed"
+    assert not torch.equal(a.prompt_ids, c.prompt_ids)
+
+
 def test_ood_ratio_sets_the_share_of_each_batch(tiny_tokenizer):
     dm = make(tiny_tokenizer, ood_ratio=0.25, batch_size=16)
     it = iter(dm.train_dataloader())

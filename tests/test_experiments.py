@@ -150,6 +150,8 @@ def test_every_run_of_an_experiment_builds_with_the_cli_and_carries_its_variant_
             checked += 1
         if stage.config == "opd":
             assert cli.model.seed == 1, stage.name
+        if stage.name != experiments.LOW_OVERLAP_BASE:  # seeded runs: the seed also draws their prompt stream
+            assert cli.datamodule.stream_seed == 1 and cli.datamodule.seed == 0, stage.name
         if stage.name != experiments.LOW_OVERLAP_BASE:
             assert cli.trainer.log_every_n_steps == 1, "token counters and curves need every step"
     assert checked == sum(k.startswith(f"{name}/") for k in EXPECTED)

@@ -3,7 +3,7 @@
 Training batches mix the teacher-aligned pool (weighted by domain) with a fixed share `ood_ratio` of
 out-of-distribution prompts, which is the recipe's guard against entropy collapse in OPD. The global batch of
 optimiser step `s` (`batch_size × world size × accumulate_grad_batches` prompts) is drawn from a generator seeded
-by `(seed, s)` alone; each (micro-batch, rank) takes its slice. So the stream is deterministic, resumable at any
+by `(stream_seed, s)` alone (stream_seed defaults to seed); each (micro-batch, rank) takes its slice. So the stream is deterministic, resumable at any
 step without replaying it, and the same rows make up a step whether they are spread over processes or
 micro-batches. Validation keeps one held-out set per task.
 """
@@ -243,6 +243,7 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         train_format: Literal["sft", "prompts"] = "prompts",
         seed: int = 0,
+        stream_seed: int | None = None,
         cache_dir: str | None = None,
     ):
         """
@@ -260,7 +261,11 @@ class PromptDataModule(L.LightningDataModule):
             max_answer_length: longest allowed reference answer in tokens (SFT), EOS included.
             system_prompt: optional system message prepended to every prompt (real chat models).
             train_format: "sft" yields prompt+answer batches, "prompts" prompt-only; set by the stage.
-            seed: seeds task generation and the batch stream.
+            seed: seeds task generation (each task's train items and held-out split) and, unless
+                stream_seed is set, the batch stream.
+            stream_seed: seeds only the batch stream (which training items each step draws, and in what
+                mix), keeping the tasks and the held-out split of `seed`: so runs that share trained models
+                can vary their prompt stream and still validate on prompts none of them trained on.
             cache_dir: folder that keeps each task's tokenized prompts (and answers), keyed by the tokenizer,
                 its chat template, the system prompt and the items' text, so a later run with the same inputs
                 skips the encoding (~8 s per start for the tiny world's 46k items; the pipeline's stages share
@@ -311,6 +316,7 @@ class PromptDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.ood_ratio, self.batch_size, self.val_batch_size = ood_ratio, batch_size, val_batch_size
         self.steps_per_epoch, self.seed, self.system_prompt = steps_per_epoch, seed, system_prompt
+        self.stream_seed = seed if stream_seed is None else stream_seed
         self.max_prompt_length, self.max_answer_length = max_prompt_length, max_answer_length
         self.train_format = train_format
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -340,7 +346,8 @@ class PromptDataModule(L.LightningDataModule):
             train, val = task.split(self.seed + zlib.crc32(spec.name.encode()))
             self.train_pools[spec.name] = self._encode(spec, train, i)
             self.val_examples += self._encode(spec, val, i)
-        self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio, self.seed)
+        self.sampler = MixtureSampler(self.train_pools, self.specs, self.domain_weights, self.ood_ratio,
+                                    self.stream_seed)
 
     def _encode(self, spec: TaskSpec, items: list[dict], i: int) -> list[Example]:
         prompts, answers = self._encoded(items)

@@ -194,6 +194,7 @@ def cache_meta(
             "ood_ratio": datamodule.ood_ratio,
             "system_prompt": datamodule.system_prompt,
             "seed": datamodule.seed,
+            "stream_seed": datamodule.stream_seed,
             "prompts": _prompts_fingerprint(datamodule),
         },
     }
