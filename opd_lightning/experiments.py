@@ -570,8 +570,8 @@ def write_experiment(ctx: Context, experiment: Experiment, result: dict, runs: d
     for metric in metrics[variants[0]]:
         lines.append(f"| {metric} | " + " | ".join(cell(metrics[v][metric]) for v in variants) + " |")
     lines.append("| wall s per run | " + " | ".join(cell(walls[v]) for v in variants) + " |")
-    lines += ["", f"Each cell: {SPREAD}; seeds {', '.join(map(str, ctx.seeds))} (each run's sampling seed and "
-              "seed_everything; data.seed is fixed: it also draws the held-out split). Runs: "
+    lines += ["", f"Each cell: {SPREAD}; seeds {', '.join(map(str, ctx.seeds))} (each run's sampling seed, "
+              "seed_everything and data.stream_seed; data.seed is fixed: it draws the held-out split). Runs: "
               f"`tensorboard --logdir {ctx.out / 'runs' / experiment.name}`.", ""]  # fmt: skip
     lines += [f"- {note}" for note in notes]
     lines += ["", f"![{experiment.name}]({experiment.name}.png)", ""]
