@@ -331,6 +331,7 @@ def self_distillation_rows(report: Report, module, batches, tolerance: float) ->
             scores = itself.score(
                 rollout, student_logits=student, keep_logits=d.needs_teacher_logits, top_k=d.top_k,
                 top_k_from=d.top_k_from, overlap_k=d.overlap_k, micro_batch_size=d.micro_batch_size,
+                token_budget=d.teacher_token_budget,
             )  # fmt: skip
             loss, _ = distillation_loss(d, student, rollout, scores, temperature=module.sampling.logprob_temperature)
         status = OK if abs(float(loss)) <= tolerance else FAIL
@@ -475,6 +476,8 @@ def memory_row(report: Report, module, data, optimizer_bytes: int | None) -> Non
             teacher = rows * tokens * 4
             parts.append(f"teacher log-probs [{rows}, {tokens}] {_mib(teacher)} (sampled reverse KL)")
         micro = d.micro_batch_size or rows
+        if d.teacher_token_budget is not None:  # the rows one forward takes at the longest rows
+            micro = min(micro, max(1, d.teacher_token_budget // (data.max_prompt_length + tokens)))
         if lazy:
             parts.append(f"scoring holds one teacher's hidden states and [{chunk}, {vocab}] logits at a time")
             total += teacher + chunk * vocab * 4

@@ -13,7 +13,8 @@ Mechanics, in the order a batch meets them:
   unique ModuleDict keys and log tags. :meth:`TeacherRoutes.check_domains` compares the routes with the
   data's domains at start-up.
 * **Scoring** (:meth:`TeacherPool.score`) runs each teacher only on the rows routed to it, one
-  teacher-forced forward per micro-batch, under ``no_grad``. It returns the teacher log-probs of the sampled
+  teacher-forced forward per micro-batch (bounded in rows and in padded tokens, :func:`forward_chunks`), under
+  ``no_grad``. It returns the teacher log-probs of the sampled
   tokens and, as the loss needs them, either the full teacher logits of the completion positions or only a
   top-k support (O(k) per token). Unless the full logits are asked for, the forward stops at the final
   hidden states and the LM head runs on a chunk of completion positions at a time, each chunk reduced before
@@ -63,7 +64,7 @@ from opd_lightning.rollout import (
 )
 from opd_lightning.sharding import is_sharded, lockstep_counts
 
-__all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherRoutes", "TeacherScores"]
+__all__ = ["DEFAULT_ROUTE", "TeacherPool", "TeacherRoutes", "TeacherScores", "forward_chunks"]
 
 DEFAULT_ROUTE = "default"
 """Key of the teacher that takes every domain without a route of its own."""
@@ -96,6 +97,56 @@ def _safe_name(domains: Sequence[str], taken: set[str]) -> str:
     while unique in taken:
         unique, n = f"{name}_{n}", n + 1
     return unique
+
+
+def forward_chunks(
+    rows: Tensor,
+    prompt_lengths: Tensor,
+    completion_lengths: Tensor,
+    max_rows: int | None = None,
+    token_budget: int | None = None,
+) -> list[Tensor]:
+    """The row sets of one teacher's scoring forwards: ``rows [n]`` (indices into the ``[N]`` lengths) cut into
+    pieces of at most ``max_rows`` rows and ``token_budget`` padded tokens each.
+
+    A forward of rows ``R`` computes ``|R| x (longest prompt + longest completion)`` tokens: the rollout forward
+    cuts a batch to its own longest prompt and completion (:func:`opd_lightning.rollout.completion_logits`), whose
+    length groups then only ever split it further. Rows split by ``max_rows`` in routed order, as without a
+    budget, wherever that already fits it (the same forwards, the same results); otherwise they are taken in order
+    of prompt length, so that rows of similar length share a forward, and a forward closes when the next row would
+    take it over either bound. Under data parallelism the number of pieces may differ between ranks: a sharded
+    teacher's caller evens it out (:meth:`TeacherPool.idle_forwards`).
+    """
+    plain = list(rows.split(max_rows or max(len(rows), 1)))
+    if token_budget is None:
+        return plain
+    p, c = prompt_lengths.tolist(), completion_lengths.clamp(min=1).tolist()  # a forward keeps >= 1 position
+
+    def padded(piece: Tensor) -> int:
+        index = piece.tolist()
+        return len(index) * (max(p[i] for i in index) + max(c[i] for i in index))
+
+    longest = max(rows.tolist(), key=lambda i: p[i] + c[i])
+    if p[longest] + c[longest] > token_budget:
+        raise ValueError(
+            f"distill.teacher_token_budget={token_budget}: one row alone is {p[longest] + c[longest]} padded tokens "
+            f"(prompt {p[longest]} + completion {c[longest]}) and a forward takes whole rows; raise it to at least "
+            "data.max_prompt_length + sampling.max_new_tokens"
+        )
+    if all(padded(piece) <= token_budget for piece in plain):
+        return plain
+    pieces: list[list[int]] = []
+    longest_p = longest_c = 0  # of the open piece
+    for i in rows[torch.argsort(prompt_lengths[rows], stable=True)].tolist():
+        if pieces:
+            longest_p, longest_c = max(longest_p, p[i]), max(longest_c, c[i])
+            fits = (len(pieces[-1]) + 1) * (longest_p + longest_c) <= token_budget
+            if fits and not (max_rows and len(pieces[-1]) == max_rows):
+                pieces[-1].append(i)
+                continue
+        pieces.append([i])
+        longest_p, longest_c = p[i], c[i]
+    return [torch.tensor(piece, dtype=rows.dtype, device=rows.device) for piece in pieces]
 
 
 class TeacherRoutes:
@@ -245,10 +296,12 @@ class TeacherPool(TeacherRoutes, nn.Module):
         top_k_from: Literal["teacher", "student", "union"] = "teacher",
         overlap_k: int = 8,
         micro_batch_size: int | None = None,
+        token_budget: int | None = None,
     ) -> TeacherScores:
         """Score the completions of ``rollout`` under each row's routed teacher.
 
-        Each teacher runs only on its rows, ``micro_batch_size`` rows per forward (default: all of them). Unless
+        Each teacher runs only on its rows, at most ``micro_batch_size`` rows and ``token_budget`` padded tokens
+        per forward (default: all of them; :func:`forward_chunks`). Unless
         ``keep_logits``, a forward yields the teacher's final hidden states
         (:func:`opd_lightning.rollout.lazy_completion_logits`) and its logits are made
         :data:`opd_lightning.ops.LOGIT_CHUNK_ELEMENTS` at a time, at completion positions only, each chunk
@@ -267,6 +320,8 @@ class TeacherPool(TeacherRoutes, nn.Module):
             top_k_from: whose top-k ids make the support.
             overlap_k: k of the top-k overlap diagnostic (:func:`opd_lightning.metrics.distillation_stats`).
             micro_batch_size: rows per teacher forward; bounds the teacher's activation memory.
+            token_budget: padded tokens per teacher forward, rows x (longest prompt + longest completion) of its
+                rows: bounds the activation memory on long completions too. A row longer than it is an error.
 
         Positions outside the completion mask get no logits: there ``logprobs`` and ``stats`` are 0, the support
         is ids ``0..K-1``, all valid, with log-prob 0 (finite fillers that masked losses never read).
@@ -285,7 +340,8 @@ class TeacherPool(TeacherRoutes, nn.Module):
         tokens: dict[str, int] = {}
 
         routed = self.rows(rollout.domains, device)
-        chunks = {name: rows.split(micro_batch_size or len(rows)) for name, rows in routed.items()}
+        lengths = rollout.prompt_mask.sum(-1), mask.sum(-1)  # [N], [N]
+        chunks = {name: forward_chunks(rows, *lengths, micro_batch_size, token_budget) for name, rows in routed.items()}
         idle = self.idle_forwards({name: len(parts) for name, parts in chunks.items()}, device)
         for name in self.names:
             model = self.models[name]

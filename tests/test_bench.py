@@ -39,6 +39,34 @@ def test_memory_of_one_opd_step_is_measured_in_a_fresh_process():
     row = bench().measure_memory(ROOT, 1024, "top_k=8", stats=True)
     assert row["vocab"] == 1024 and row["step_mib"] == max(row["sampling_mib"], row["scoring_mib"])
     assert row["scoring_mib"] > 0 and row["rss_mib"] > row["scoring_mib"]
+    assert row["completion_tokens"] == 8 * 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["TRL DistillationTrainer (beta=1)", "TRL GKDTrainer (lmbda=1, beta=1)"])
+def test_trls_memory_cell_does_the_same_work_as_ours(system):
+    pytest.importorskip("trl")
+    assert system in bench().TRL_MEMORY
+    row = bench().measure_memory(ROOT, 1024, system, stats=True)
+    assert row["completion_tokens"] == 8 * 32, "TRL sampled as many tokens as ours: the same work"
+    assert row["scoring_mib"] > 0 and row["step_mib"] == max(row["sampling_mib"], row["scoring_mib"])
+
+
+def test_memory_table_sets_ours_beside_trl_per_vocabulary(tmp_path):
+    b = bench()
+
+    def row(version, vocab, loss, stats, mib):
+        return dict(version=version, vocab_name=vocab, loss=loss, stats=stats, step_mib=mib, weight_grad_mib=1.0)
+
+    rows = [row("after", v, loss, stats, 100 * i + 10 * j + stats) for i, v in enumerate(b.VOCABS)
+            for j, loss in enumerate(b.LOSSES) for stats in (True, False)]  # fmt: skip
+    rows += [row("TRL", v, system, True, 1000 + 100 * i + j) for i, v in enumerate(b.VOCABS)
+             for j, system in enumerate(b.TRL_MEMORY)]  # fmt: skip
+    text = b.report({"memory": rows}, tmp_path)
+    header = "| vocab | " + " | ".join(f"ours {loss}" for loss in b.LOSSES) + " | " + " | ".join(b.TRL_MEMORY) + " |"
+    assert header in text
+    assert "| 152k | 201 (200) | 211 (210) | 221 (220) | 1200 | 1201 |" in text  # diagnostics step (other steps)
+    assert (tmp_path / "memory.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 A sharded forward all-gathers each layer's parameters, so a rank that skips a forward leaves the others
 waiting: PLATFORM.md saw HF generate deadlock that way. Two gloo processes with a short timeout (a hang fails
-the test instead of blocking CI); the ranks get different prompts, stop at different steps, and route their
-rows to different teachers. Sharded results must equal the unsharded models' on the same rows.
+the test instead of blocking CI); the ranks get different prompts, stop at different steps, route their
+rows to different teachers and cut them into different numbers of forwards (a token budget). Sharded results
+must equal the unsharded models' on the same rows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 from opd_lightning.models import load_causal_lm, load_tokenizer
 from opd_lightning.rollout import SamplingConfig, generate
 from opd_lightning.sharding import ShardingConfig, is_sharded, shard_model
-from opd_lightning.teachers import TeacherPool
+from opd_lightning.teachers import TeacherPool, forward_chunks
 from tests import test_teachers
 
 teachers = test_teachers.teachers  # the fixture: two tiny teachers on the student's tokenizer
@@ -105,10 +106,19 @@ def _teachers_on_disjoint_rows(rank, tiny_dir, math_dir, string_dir, out):
     # micro-batches of one row: 6 teacher forwards on rank 0, 2 on rank 1, all on different teachers
     sharded_scores = pool.score(sharded_rollout, micro_batch_size=1)
     plain_scores = plain.score(sharded_rollout, micro_batch_size=1)
+    # a token budget of two of the longest rows: rank 0's 6 math rows take several forwards, rank 1's 2 string
+    # rows one, so each rank runs throw-away forwards of the other's teacher, as many as the other's real ones
+    prompt_lengths, completion_lengths = sharded_rollout.prompt_mask.sum(-1), sharded_rollout.completion_mask.sum(-1)
+    longest = (prompt_lengths + completion_lengths.clamp(min=1)).max()
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    budget = 2 * int(longest)
+    rows = torch.arange(len(prompt_lengths))
+    assert len(forward_chunks(rows, prompt_lengths, completion_lengths, None, budget)) == (3 if rank == 0 else 1)
+    budget_scores = pool.score(sharded_rollout, token_budget=budget)
     torch.save({"sharded": sharded_rollout.completion_ids, "plain": plain_rollout.completion_ids,
                 "sharded_logprobs": sharded_rollout.logprobs, "plain_logprobs": plain_rollout.logprobs,
-                "sharded_scores": sharded_scores.logprobs, "plain_scores": plain_scores.logprobs},
-               f"{out}/rank{rank}.pt")  # fmt: skip
+                "sharded_scores": sharded_scores.logprobs, "plain_scores": plain_scores.logprobs,
+                "budget_scores": budget_scores.logprobs}, f"{out}/rank{rank}.pt")  # fmt: skip
 
 
 @pytest.mark.multiprocess
@@ -123,3 +133,5 @@ def test_sharded_teachers_sample_and_score_in_lockstep_when_ranks_route_to_diffe
         assert torch.equal(got["sharded"], got["plain"]), rank
         torch.testing.assert_close(got["sharded_logprobs"], got["plain_logprobs"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got["sharded_scores"], got["plain_scores"], rtol=0, atol=1e-5)
+        # forwards cut by a token budget, as many on each rank (a hang otherwise), score the same
+        torch.testing.assert_close(got["budget_scores"], got["plain_scores"], rtol=0, atol=1e-5)

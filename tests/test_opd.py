@@ -208,6 +208,15 @@ def test_a_domain_without_a_teacher_fails_at_setup_before_any_model_loads(tiny_d
     assert module.policy is None and len(module.teachers.models) == 0
 
 
+def test_a_teacher_token_budget_that_cannot_hold_one_row_fails_at_setup_before_any_model_loads(
+    tiny_dir, teachers, tmp_path
+):
+    module, data = make(tiny_dir, {"default": teachers[0]}, teacher_token_budget=55)  # 48 + 8 = 56 per row
+    with pytest.raises(ValueError, match=r"distill\.teacher_token_budget=55 cannot hold one row.* = 56 tokens"):
+        fit(module, data, 1, tmp_path)
+    assert module.policy is None and len(module.teachers.models) == 0
+
+
 def test_a_teacher_with_another_tokenizer_is_named_at_init(tiny_dir, teachers, tmp_path):
     other = tmp_path / "other-vocab"
     shutil.copytree(teachers[1], other)
@@ -419,6 +428,7 @@ def test_task_reward_is_added_to_every_tokens_advantage():
             r"distill\.off_policy_ratio > 0 needs an analytic",
         ),
         (dict(micro_batch_size=0), r"distill\.micro_batch_size"),
+        (dict(teacher_token_budget=0), r"distill\.teacher_token_budget must be >= 1 \(padded tokens per"),
         (dict(stats_every=0), r"distill\.stats_every must be >= 1 or null"),
     ],
 )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from opd_lightning import ops
+from opd_lightning import rollout as rollout_module
 from opd_lightning.metrics import DISTILLATION_STATS, distillation_stats
 from opd_lightning.models import build_tiny_model, load_causal_lm, load_tokenizer
 from opd_lightning.ops import HiddenLogits, support_logprobs, topk_support
@@ -21,7 +22,7 @@ from opd_lightning.rollout import (
     lazy_completion_logits,
 )
 from opd_lightning.seeding import row_uniforms
-from opd_lightning.teachers import TeacherPool
+from opd_lightning.teachers import TeacherPool, forward_chunks
 
 
 def make_teacher(tiny_dir: Path, out: Path, seed: int, sharpen: float = 4.0) -> Path:
@@ -101,6 +102,74 @@ def test_scored_logprobs_equal_a_teacher_forced_recompute_under_each_rows_teache
         "math+default": int(rollout.completion_mask[[0, 2, 4, 5]].sum()),
         "string": int(rollout.completion_mask[[1, 3]].sum()),
     }
+
+
+def test_forward_chunks_hold_the_token_budget_and_group_rows_of_similar_length():
+    rows = torch.tensor([0, 2, 3, 5, 6])  # rows 1 and 4 go to another teacher
+    prompts = torch.tensor([10, 99, 30, 12, 99, 31, 11])
+    completions = torch.tensor([5, 99, 0, 7, 99, 2, 4])  # an empty completion still costs its one position
+
+    def split(max_rows, budget):
+        return [piece.tolist() for piece in forward_chunks(rows, prompts, completions, max_rows, budget)]
+
+    # what fits stays the row split it was without a budget, in routed order
+    assert split(2, None) == split(2, 10**6) == [[0, 2], [3, 5], [6]]
+    assert split(None, 10**6) == [[0, 2, 3, 5, 6]]
+    # 5 x (31 + 7) = 190 > 70: rows by prompt length, a forward closed before the next row takes it past 70
+    assert split(None, 70) == [[0, 6, 3], [2, 5]]  # 3 x (12 + 7) = 57, 2 x (31 + 2) = 66
+    assert split(2, 70) == [[0, 6], [3], [2, 5]]  # 2 rows at most: row 3 with row 2 would be 2 x 37 = 74
+    for max_rows, budget in [(None, 33), (None, 70), (2, 70), (3, 100)]:
+        pieces = forward_chunks(rows, prompts, completions, max_rows, budget)
+        assert sorted(torch.cat(pieces).tolist()) == rows.tolist()
+        for piece in pieces:
+            assert len(piece) * (prompts[piece].max() + completions[piece].clamp(min=1).max()) <= budget
+            assert max_rows is None or len(piece) <= max_rows
+
+
+def test_a_token_budget_below_one_row_is_refused_naming_the_field():
+    rows, prompts, completions = torch.tensor([0, 1]), torch.tensor([10, 31]), torch.tensor([5, 2])
+    with pytest.raises(ValueError, match=r"distill\.teacher_token_budget=32: one row alone is 33 padded tokens"):
+        forward_chunks(rows, prompts, completions, None, 32)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["full-logits", "hidden-states"])
+def test_a_token_budget_bounds_every_teacher_forward_and_does_not_change_scores(
+    teachers, tiny_dir, rollout, monkeypatch, dense
+):
+    a, b = teachers
+    pool = loaded_pool({"math": a, "string": b, "default": b})
+    student_logits = completion_logits(
+        load_causal_lm(tiny_dir), rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+    ).detach()
+    kwargs = dict(student_logits=student_logits, keep_logits=dense, top_k=5, overlap_k=4)
+    kwargs |= dict(top_k_from="union") if dense else {}
+    whole = pool.score(rollout, **kwargs)
+    forwards = []  # padded tokens of every model forward the scoring runs
+
+    def recorded(forward):
+        def run(model, input_ids, attention_mask, c):
+            forwards.append(input_ids.numel())
+            return forward(model, input_ids, attention_mask, c)
+
+        return run
+
+    for name in ("_forward_completion", "_forward_hidden"):
+        monkeypatch.setattr(rollout_module, name, recorded(getattr(rollout_module, name)))
+    lengths = rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1).clamp(min=1)
+    for budget in (int(lengths.max()), 2 * int(lengths.max())):
+        forwards.clear()
+        budgeted = pool.score(rollout, token_budget=budget, **kwargs)
+        assert max(forwards) <= budget and len(forwards) > len(pool.names), (budget, forwards)
+        torch.testing.assert_close(budgeted.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+        if dense:
+            torch.testing.assert_close(budgeted.logits, whole.logits, rtol=0, atol=1e-4)
+        assert torch.equal(budgeted.support_ids, whole.support_ids)
+        assert torch.equal(budgeted.support_valid, whole.support_valid)
+        torch.testing.assert_close(budgeted.support_logprobs, whole.support_logprobs, rtol=0, atol=1e-5)
+        assert budgeted.stats.keys() == whole.stats.keys() and whole.stats
+        for key in whole.stats:
+            torch.testing.assert_close(budgeted.stats[key], whole.stats[key], rtol=0, atol=1e-5, msg=key)
+        assert budgeted.tokens == whole.tokens
 
 
 def test_micro_batching_does_not_change_scores(teachers, tiny_dir, rollout):

@@ -11,7 +11,8 @@ per GRPO step (dapo aggregation, no reference, as TRL's GRPOTrainer defaults). T
 alternating rounds in one process, each round's first step a warm-up, so a machine shared with other work slows
 them alike: read the ratios, not the seconds. Parts (``--only``):
 
-* ``steps``: median s/step and completion tokens/s, ours vs TRL; our OPD step's phases (sampling, student
+* ``steps``: median s/step and completion tokens/s, ours vs TRL (OPD against DistillationTrainer and against
+  GKDTrainer fully on-policy, lmbda=1, beta=1); our OPD step's phases (sampling, student
   forward, teacher scoring, loss, backward, optimiser, logging); its useful FLOPs against torch.mm's rate at the
   step's own shapes, measured in the same run.
 * ``scaling``: our OPD step time against the completion length (32/64/128) and the number of teachers (1-4).
@@ -20,7 +21,8 @@ them alike: read the ratios, not the seconds. Parts (``--only``):
   return every block over 64 KiB to the OS on free (``MALLOC_MMAP_THRESHOLD_``), the high-water mark reset
   (``/proc/self/clear_refs``) after a warm-up step; the figure is the peak over the step minus the resident size
   before it (weights and optimiser-free state excluded). ``--before PATH`` runs the same children against another
-  checkout's package (e.g. the code before a change).
+  checkout's package (e.g. the code before a change). TRL's DistillationTrainer and GKDTrainer steps are measured
+  the same way on the same models and prompts (``trl_memory_child``), beside ours, unless ``--skip-trl``.
 
 Writes ``bench.md`` (the tables), ``results.json`` and PNGs to ``--out``. Not a test: nothing here asserts speed.
 """
@@ -50,6 +52,10 @@ LOSSES = {  # name -> DistillConfig fields
     "top_k=8": dict(loss="reverse_kl", top_k=8),
     "reverse_kl (full V)": dict(loss="reverse_kl"),
 }
+# TRL's steps on the same work, for the memory table: TRL 1.16's DistillationTrainer has one loss, a generalized JSD
+# over the full vocabulary, chunked (beta=1: reverse KL; its top-k support lives only in the experimental
+# AsyncDistillationTrainer, which scores with a vLLM teacher server), and GKDTrainer materialises full logits
+TRL_MEMORY = ("TRL DistillationTrainer (beta=1)", "TRL GKDTrainer (lmbda=1, beta=1)")
 MATH = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=["+"], allow_parentheses=False,
             allow_negation=False)  # fmt: skip
 TASKS = [  # (task, domain, config): the tiny world's aligned tasks, then OOD ones as extra domains for 3-4 teachers
@@ -287,23 +293,26 @@ def trl_common(out: Path, steps: int) -> dict:
 
 
 class TRLTrainer:
-    """A TRL trainer built once; :meth:`run` trains ``steps`` more steps (a fresh optimiser each call)."""
+    """A TRL trainer built once; :meth:`run` trains ``steps`` more steps (a fresh optimiser each call). Its sampling
+    method ``sampler`` is wrapped to keep each step's completion-token count (``count`` of what it returns)."""
 
-    def __init__(self, make) -> None:
+    def __init__(self, make, sampler: str = "_generate_and_score_completions",
+                 count=lambda out: out["completion_mask"].sum()) -> None:  # fmt: skip
         self.make, self.trainer, self.timer = make, None, StepTimer()
+        self.sampler, self.count = sampler, count
         self.tokens: list[int] = []
 
     def run(self, steps: int) -> None:
         if self.trainer is None:
             self.trainer = self.make(steps, [self.timer.hf_callback()])
-            generate = self.trainer._generate_and_score_completions
+            generate = getattr(self.trainer, self.sampler)
 
             def counted(*args, **kwargs):
                 out = generate(*args, **kwargs)
-                self.tokens.append(int(out["completion_mask"].sum()))
+                self.tokens.append(int(self.count(out)))
                 return out
 
-            self.trainer._generate_and_score_completions = counted
+            setattr(self.trainer, self.sampler, counted)
         self.trainer.args.max_steps = steps
         self.trainer.train()
 
@@ -325,6 +334,32 @@ def trl_distillation(student: Path, teacher: Path, data, workdir: Path) -> TRLTr
                                    callbacks=callbacks)  # fmt: skip
 
     return TRLTrainer(make)
+
+
+def trl_gkd(student: Path, teacher: Path, data, workdir: Path) -> TRLTrainer:
+    """GKDTrainer fully on-policy (lmbda=1: every step samples from the student) with beta=1 (reverse KL), the
+    same work as the DistillationTrainer row; its loss takes both models' full logits over the whole sequence."""
+
+    def make(steps, callbacks):
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        from opd_lightning.models import load_tokenizer
+
+        tokenizer = load_tokenizer(student)
+        tokenizer.padding_side = "left"
+        prompts = trl_dataset(data)
+        messages = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts["prompt"], prompts["answer"])]
+        args = GKDConfig(**trl_common(workdir / "trl-gkd", steps), per_device_train_batch_size=8, max_new_tokens=32,
+                         lmbda=1.0, beta=1.0)  # fmt: skip
+        return GKDTrainer(model=AutoModelForCausalLM.from_pretrained(student),
+                          teacher_model=AutoModelForCausalLM.from_pretrained(teacher), args=args,
+                          train_dataset=Dataset.from_dict({"messages": messages}), processing_class=tokenizer,
+                          callbacks=callbacks)  # fmt: skip
+
+    # it returns (ids, attention mask, labels), the labels -100 outside the completion
+    return TRLTrainer(make, sampler="generate_on_policy_outputs", count=lambda out: (out[2] != -100).sum())
 
 
 def trl_grpo(student: Path, data, workdir: Path, completions: int = 4, prompts: int = 2) -> TRLTrainer:
@@ -415,6 +450,7 @@ def part_steps(args, student: Path, teachers: list[Path]) -> dict:
     if not args.skip_trl:
         systems["TRL DistillationTrainer"] = trl_distillation(student, teachers[0], opd.data, args.workdir)
         systems["TRL GRPOTrainer"] = trl_grpo(student, grpo.data, args.workdir)
+        systems["TRL GKDTrainer"] = trl_gkd(student, teachers[0], opd.data, args.workdir)
     times = alternate(systems, args.rounds, args.steps)
     medians = {name: statistics.median(t) for name, t in times.items()}
     tokens = {"ours OPD": statistics.mean(sum(c) for _, c in opd.shapes)}
@@ -456,16 +492,13 @@ def part_scaling(args, student: Path, teachers: list[Path]) -> dict:
     )
 
 
-def memory_child(vocab: int, loss: str, stats: bool) -> dict:
-    """One configuration's peak (run in a fresh process; see the module docstring for the method)."""
+def memory_world(vocab: int):
+    """What every memory cell shares: the 1M student and 10M teacher at ``vocab`` (random weights, same seeds) and
+    8 left-padded prompts of the tiny world's length mix, ``(student, teacher, ids, mask, generator)``."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    import opd_lightning.rollout as rollout_mod
     from opd_lightning.models import TINY_SIZES
-    from opd_lightning.rollout import SamplingConfig, completion_logits, generate
-    from opd_lightning.stages.opd import DistillConfig, distillation_loss
-    from opd_lightning.teachers import TeacherPool
 
     torch.set_num_threads(1)
 
@@ -476,22 +509,63 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
         return Qwen3ForCausalLM(config)
 
     student, teacher = model("1m", 0), model("10m", 1).eval().requires_grad_(False)
-    grads = sum(p.numel() * p.element_size() for p in student.parameters()) / 2**20  # O(V x H): tied embedding
-    pool = TeacherPool({"default": tempfile.gettempdir()})
-    pool.models["default"] = teacher
-    config = DistillConfig(**LOSSES[loss])
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([16, 49, 18, 47, 20, 45, 33, 36])  # the tiny world's mix: mean 33, padded to 52 (+3)
     width = 52
     ids = torch.randint(1, vocab, (8, width), generator=g)
     mask = torch.arange(width)[None] >= (width - lengths)[:, None]
+    return student, teacher, ids.masked_fill(~mask, 0), mask, g
+
+
+def rss(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(field)
+
+
+def peak(fn) -> tuple[float, object]:
+    """``fn()``'s resident high-water mark over the resident size before it (MiB), and its result."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = rss("VmRSS")
+    out = fn()
+    return rss("VmHWM") - base, out
+
+
+def memory_row(vocab: int, loss: str, stats: bool, student, sample, score_and_train, tokens) -> dict:
+    """The peaks of ``sample()`` and ``score_and_train(its result)`` after a warm-up step; ``tokens`` counts a
+    sample's completion tokens (the same 8 x 32 for every system: a check that they did the same work)."""
+    grads = sum(p.numel() * p.element_size() for p in student.parameters()) / 2**20  # O(V x H): tied embedding
+    score_and_train(sample())  # warm-up: lazy initialisations, the LM-head check
+    sampling, rollout = peak(sample)
+    scoring, _ = peak(lambda: score_and_train(rollout))
+    return dict(vocab=vocab, loss=loss, stats=stats, sampling_mib=round(sampling, 1), step_mib=round(max(sampling, scoring), 1),
+                scoring_mib=round(scoring, 1), rss_mib=round(rss("VmRSS"), 1), weight_grad_mib=round(grads, 1),
+                completion_tokens=int(tokens(rollout)))  # fmt: skip
+
+
+def memory_child(vocab: int, loss: str, stats: bool) -> dict:
+    """One configuration's peak (run in a fresh process; see the module docstring for the method)."""
+    if loss in TRL_MEMORY:
+        return trl_memory_child(vocab, loss)
+    import torch
+
+    import opd_lightning.rollout as rollout_mod
+    from opd_lightning.rollout import SamplingConfig, completion_logits, generate
+    from opd_lightning.stages.opd import DistillConfig, distillation_loss
+    from opd_lightning.teachers import TeacherPool
+
+    student, teacher, ids, mask, g = memory_world(vocab)
+    pool = TeacherPool({"default": tempfile.gettempdir()})
+    pool.models["default"] = teacher
+    config = DistillConfig(**LOSSES[loss])
     lazy = getattr(rollout_mod, "lazy_completion_logits", None)  # absent before the hidden-state path
     score_kwargs = {"stats": stats} if "stats" in inspect.signature(pool.score).parameters else {}
 
     def sample():
         with torch.no_grad():
-            return generate(student, ids.masked_fill(~mask, 0), mask, SamplingConfig(max_new_tokens=32),
-                            eos_token_id=[], pad_token_id=0, domains=["x"] * 8, generator=g)  # fmt: skip
+            return generate(student, ids, mask, SamplingConfig(max_new_tokens=32), eos_token_id=[], pad_token_id=0,
+                            domains=["x"] * 8, generator=g)  # fmt: skip
 
     def score_and_train(rollout):
         forward = completion_logits if config.needs_teacher_logits or lazy is None else lazy
@@ -504,23 +578,66 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
         loss.backward()
         student.zero_grad(set_to_none=True)
 
-    def rss(field: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-        raise RuntimeError(field)
+    return memory_row(vocab, loss, stats, student, sample, score_and_train, lambda r: r.completion_mask.sum())
 
-    def peak(fn) -> tuple[float, object]:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        base = rss("VmRSS")
-        out = fn()
-        return rss("VmHWM") - base, out
 
-    score_and_train(sample())  # warm-up: lazy initialisations, the LM-head check
-    sampling, rollout = peak(sample)
-    scoring, _ = peak(lambda: score_and_train(rollout))
-    return dict(vocab=vocab, loss=loss, stats=stats, sampling_mib=round(sampling, 1), step_mib=round(max(sampling, scoring), 1),
-                scoring_mib=round(scoring, 1), rss_mib=round(rss("VmRSS"), 1), weight_grad_mib=round(grads, 1))  # fmt: skip
+def trl_memory_child(vocab: int, system: str) -> dict:
+    """TRL's step on the same models and prompts, through its trainer's own methods: its sampling (transformers'
+    ``generate``, 32 tokens forced as ours are by having no stop token) and its loss + backward (``compute_loss``:
+    the teacher forward and the divergence). No gradient checkpointing, as ours."""
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    student, teacher, ids, mask, _ = memory_world(vocab)
+    torch.manual_seed(0)  # TRL samples from the global generator
+    # ids are given, never text: the tokenizer only names the pad and stop tokens
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, "<pad>")),
+                                        pad_token="<pad>", eos_token="<eos>", padding_side="left")  # fmt: skip
+    prompts = [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+    common = trl_common(Path(tempfile.mkdtemp()), 1) | dict(per_device_train_batch_size=8, dataloader_num_workers=0)
+    if system.startswith("TRL DistillationTrainer"):
+        from trl import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(**common, max_completion_length=32, beta=1.0, generation_kwargs={"min_new_tokens": 32})
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                                      train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}))  # fmt: skip
+        trainer._tokenize_prompts = lambda texts: (prompts, None, {})
+
+        def sample():
+            return trainer._generate_and_score_completions([{"prompt": "x"}] * 8)
+
+        def tokens(inputs):
+            return inputs["completion_mask"].sum()
+
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**common, max_new_tokens=32, lmbda=1.0, beta=1.0)
+        messages = [[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]] * 8
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"messages": messages}))  # fmt: skip
+        trainer.generation_config.min_new_tokens = 32
+
+        def sample():
+            with torch.no_grad():
+                batch = {"prompts": ids, "prompt_attention_mask": mask.long()}
+                input_ids, attention_mask, labels = trainer.generate_on_policy_outputs(student, batch,
+                                                                                       trainer.generation_config)  # fmt: skip
+            return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+        def tokens(inputs):
+            return (inputs["labels"] != -100).sum()
+
+    trainer.model.train()
+
+    def score_and_train(inputs):
+        loss = trainer.compute_loss(trainer.model, inputs)
+        trainer.accelerator.backward(loss)
+        trainer.model.zero_grad(set_to_none=True)
+
+    return memory_row(vocab, system, True, student, sample, score_and_train, tokens)
 
 
 def measure_memory(root: Path, vocab: int, loss: str, stats: bool) -> dict:
@@ -536,14 +653,19 @@ def part_memory(args) -> list[dict]:
     checkouts = {"after": Path(__file__).resolve().parents[1]}
     if args.before:
         checkouts["before"] = Path(args.before)
-    rows = []
+    cells = []  # (version, root, vocab, loss, stats)
     for version, root in checkouts.items():
         for name in vocabs:
             for loss in LOSSES:
                 for stats in (True, False) if version == "after" and not args.quick else (True,):
-                    row = measure_memory(root, VOCABS[name], loss, stats) | {"version": version, "vocab_name": name}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    cells.append((version, root, name, loss, stats))
+    if not args.skip_trl:  # TRL's figures do not depend on our checkout: once, beside "after"
+        cells += [("TRL", checkouts["after"], name, system, True) for name in vocabs for system in TRL_MEMORY]
+    rows = []
+    for version, root, name, loss, stats in cells:
+        row = measure_memory(root, VOCABS[name], loss, stats) | {"version": version, "vocab_name": name}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -555,12 +677,12 @@ def report(results: dict, out: Path) -> str:
     if "steps" in results:
         r = results["steps"]
         med, tok = r["medians"], r["tokens"]
-        lines += ["| step | s/step (median) | completion tokens/s | ours vs TRL |", "|---|---|---|---|"]
-        for ours, theirs in (("ours OPD", "TRL DistillationTrainer"), ("ours GRPO", "TRL GRPOTrainer")):
-            for name in (ours, theirs):
+        lines += ["| step | s/step (median) | completion tokens/s | ours vs this |", "|---|---|---|---|"]
+        for ours, *theirs in (("ours OPD", "TRL DistillationTrainer", "TRL GKDTrainer"), ("ours GRPO", "TRL GRPOTrainer")):
+            for name in (ours, *theirs):
                 if name in med:
                     rate = f"{tok[name] / med[name]:.0f}" if name in tok else "-"
-                    ratio = f"{med[theirs] / med[ours]:.2f}x" if name == ours and theirs in med else ""
+                    ratio = f"{med[name] / med[ours]:.2f}x" if name != ours else ""
                     lines.append(f"| {name} | {med[name]:.3f} | {rate} | {ratio} |")
         step = med["ours OPD"]
         lines += ["", "Our OPD step by phase (mean per step):", "", "| phase | ms | share |", "|---|---|---|"]
@@ -594,6 +716,24 @@ def report(results: dict, out: Path) -> str:
                     keys = (("before", True), ("after", True), ("after", False))
                     values = " | ".join(f"{cells[key]:.0f}" if key in cells else "-" for key in keys)
                     lines.append(f"| {loss} | {name} | {values} |")
+        trl = [system for system in TRL_MEMORY if any(r["loss"] == system for r in rows)]
+        if trl:
+            step = {(r["version"], r["loss"], r["stats"], r["vocab_name"]): r["step_mib"] for r in rows}
+
+            def ours(loss: str, name: str) -> str:
+                if ("after", loss, True, name) not in step:
+                    return "-"
+                other = step.get(("after", loss, False, name))
+                return f"{step['after', loss, True, name]:.0f}" + ("" if other is None else f" ({other:.0f})")
+
+            lines += ["", "Ours against TRL, same models, prompts and 8 x 32 completion tokens (MiB; ours on a "
+                      "diagnostics step, in brackets on the other steps; TRL logs its entropy on every step):", "",
+                      "| vocab | " + " | ".join(f"ours {loss}" for loss in LOSSES) + " | " + " | ".join(trl) + " |",
+                      "|---" * (1 + len(LOSSES) + len(trl)) + "|"]  # fmt: skip
+            for name in VOCABS:
+                if any(("TRL", system, True, name) in step for system in trl):
+                    theirs = [f"{step[key]:.0f}" if (key := ("TRL", system, True, name)) in step else "-" for system in trl]
+                    lines.append(f"| {name} | " + " | ".join([*(ours(loss, name) for loss in LOSSES), *theirs]) + " |")
     text = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(text)
     plots(results, out)
@@ -608,12 +748,13 @@ def plots(results: dict, out: Path) -> None:
 
     if "memory" in results:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for loss in LOSSES:
-            for version, stats, style in (("before", True, "--"), ("after", True, "-"), ("after", False, ":")):
+        for loss in (*LOSSES, *TRL_MEMORY):
+            for version, stats, style in (("before", True, "--"), ("after", True, "-"), ("after", False, ":"),
+                                          ("TRL", True, "-.")):  # fmt: skip
                 points = [(VOCABS[r["vocab_name"]], r["step_mib"]) for r in results["memory"]
                           if r["loss"] == loss and r["version"] == version and r["stats"] == stats]  # fmt: skip
                 if points:
-                    label = f"{loss}, {version}" + ("" if stats else " (no diagnostics)")
+                    label = loss if version == "TRL" else f"{loss}, {version}" + ("" if stats else " (no diagnostics)")
                     ax.plot(*zip(*sorted(points)), style, marker="o", label=label)
         ax.set(xscale="log", xlabel="vocabulary", ylabel="step peak over baseline (MiB)", title="OPD step memory")
         ax.legend(fontsize=6)

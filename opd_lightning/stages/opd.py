@@ -94,6 +94,12 @@ class DistillConfig:
     logged at (every completion token of that batch); the steps in between log none."""
     micro_batch_size: int | None = None
     """Rows per teacher forward (bounds teacher activation and logit memory); null = all routed rows."""
+    teacher_token_budget: int | None = 65536
+    """Most padded tokens one teacher forward takes, rows x (longest prompt + longest completion) of its rows
+    (teachers.forward_chunks): bounds a teacher's activation memory however long the completions, where
+    micro_batch_size bounds rows only. Scores do not depend on it. Must hold one row, data.max_prompt_length +
+    sampling.max_new_tokens; null = no bound. The default never splits the tiny world's batches (<= 7,168 tokens)
+    and cuts 64 rows x 4,096 tokens into 4 forwards."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -132,6 +138,11 @@ class DistillConfig:
             raise ValueError(f"distill.overlap_k must be >= 1, got {self.overlap_k}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"distill.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+        if self.teacher_token_budget is not None and self.teacher_token_budget < 1:
+            raise ValueError(
+                f"distill.teacher_token_budget must be >= 1 (padded tokens per teacher forward) or null, got "
+                f"{self.teacher_token_budget}"
+            )
         if self.stats_every is not None and self.stats_every < 1:
             raise ValueError(
                 f"distill.stats_every must be >= 1 or null (the logging cadence), got {self.stats_every}"
@@ -257,6 +268,13 @@ class MultiExpertOPD(PolicyModule):
         datamodule = self.trainer.datamodule
         # A missing route is a config error: say so before any model loads or any step runs.
         self.teachers.check_domains(datamodule.domains)
+        budget, longest = self.distill.teacher_token_budget, datamodule.max_prompt_length + self.max_new_tokens()
+        if budget is not None and budget < longest:
+            raise ValueError(
+                f"distill.teacher_token_budget={budget} cannot hold one row: a teacher forward takes whole rows, up "
+                f"to data.max_prompt_length ({datamodule.max_prompt_length}) + sampling.max_new_tokens "
+                f"({self.max_new_tokens()}) = {longest} tokens. Raise it to at least {longest}, or null for no bound."
+            )
         super().setup(stage)
         names = [f"teacher/{t}/{s}" for t in self.teachers.names for s in DISTILLATION_STATS]
         names += [f"domain/{d}/{s}" for d in datamodule.domains for s in DISTILLATION_STATS]
@@ -316,6 +334,7 @@ class MultiExpertOPD(PolicyModule):
             top_k_from=self.distill.top_k_from,
             overlap_k=self.distill.overlap_k,
             micro_batch_size=self.distill.micro_batch_size,
+            token_budget=self.distill.teacher_token_budget,
         )
 
         # 3. the verifier's task reward: train accuracy, and the OPD + RL hybrid's extra advantage
