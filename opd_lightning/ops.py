@@ -257,7 +257,7 @@ def logits_at(logits: Logits, rows: Tensor, cols: Tensor) -> Tensor:
         return logits.head(logits.hidden[rows, cols])
     if isinstance(logits, RoutedLogits):
         owner, local = logits.owner[rows], logits.local[rows]
-        parts = owner.unique().tolist()
+        parts = [0] if len(logits.parts) == 1 else owner.unique().tolist()  # unique() waits for the device
         if len(parts) <= 1:  # one model's rows (or no position at all): no assembly
             return logits_at(logits.parts[parts[0] if parts else 0][1], local, cols)
         out = None

@@ -49,6 +49,8 @@ LOSSES = {  # name -> DistillConfig fields
     "sampled_reverse_kl": dict(loss="sampled_reverse_kl"),
     "top_k=8": dict(loss="reverse_kl", top_k=8),
     "reverse_kl (full V)": dict(loss="reverse_kl"),
+    "forward_kl (full V)": dict(loss="forward_kl"),
+    "generalized_jsd (full V)": dict(loss="generalized_jsd"),
 }
 MATH = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=["+"], allow_parentheses=False,
             allow_negation=False)  # fmt: skip
@@ -200,9 +202,9 @@ class OursOPD:
 
         m, phases = self.module, self.phases
         phases.wrap(m, "sample", "sampling")
-        phases.wrap(opd, "completion_logits", "student forward")
-        if hasattr(opd, "lazy_completion_logits"):
-            phases.wrap(opd, "lazy_completion_logits", "student forward")
+        for forward in ("completion_logits", "lazy_completion_logits"):  # the stage imports one or both
+            if hasattr(opd, forward):
+                phases.wrap(opd, forward, "student forward")
         phases.wrap(m.teachers, "score", "teacher scoring")
         phases.wrap(opd, "distillation_loss", "loss")
         phases.wrap(opd.rewards, "verify", "reward")
@@ -487,6 +489,9 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
     mask = torch.arange(width)[None] >= (width - lengths)[:, None]
     lazy = getattr(rollout_mod, "lazy_completion_logits", None)  # absent before the hidden-state path
     score_kwargs = {"stats": stats} if "stats" in inspect.signature(pool.score).parameters else {}
+    # the full-vocabulary losses from hidden states too, where the checkout has them (as its training_step)
+    lazy_full = "lazy_logits" in inspect.signature(pool.score).parameters
+    score_kwargs |= {"lazy_logits": True} if lazy_full else {}
 
     def sample():
         with torch.no_grad():
@@ -494,7 +499,7 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
                             eos_token_id=[], pad_token_id=0, domains=["x"] * 8, generator=g)  # fmt: skip
 
     def score_and_train(rollout):
-        forward = completion_logits if config.needs_teacher_logits or lazy is None else lazy
+        forward = completion_logits if (config.needs_teacher_logits and not lazy_full) or lazy is None else lazy
         c = rollout.completion_ids.shape[1]
         student_logits = forward(student, rollout.input_ids, rollout.attention_mask, c)
         wants_student = stats or config.top_k_from != "teacher"
@@ -532,14 +537,14 @@ def measure_memory(root: Path, vocab: int, loss: str, stats: bool) -> dict:
 
 
 def part_memory(args) -> list[dict]:
-    vocabs = ["1k"] if args.quick else list(VOCABS)
+    vocabs = args.vocabs or (["1k"] if args.quick else list(VOCABS))
     checkouts = {"after": Path(__file__).resolve().parents[1]}
     if args.before:
         checkouts["before"] = Path(args.before)
     rows = []
     for version, root in checkouts.items():
         for name in vocabs:
-            for loss in LOSSES:
+            for loss in args.losses or LOSSES:
                 for stats in (True, False) if version == "after" and not args.quick else (True,):
                     row = measure_memory(root, VOCABS[name], loss, stats) | {"version": version, "vocab_name": name}
                     print(json.dumps(row), flush=True)
@@ -652,6 +657,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (the first is a warm-up)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    # memory cells take minutes each at 152k on a shared CPU: measure a subset
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="memory: only these losses")
+    parser.add_argument("--vocabs", nargs="+", choices=list(VOCABS), help="memory: only these vocabularies")
     args = parser.parse_args()
     if args.memory_child:
         vocab, loss, stats = args.memory_child
