@@ -103,7 +103,8 @@ def watch_teachers(module):
     module.teachers.score = recording_score
     module.configure_model()
     for name, teacher in module.teachers.models.items():
-        teacher.register_forward_hook(lambda *a, name=name: hook(*a, name), with_kwargs=True)
+        # the base model: scoring runs it alone (hidden states, the LM head applied a chunk at a time)
+        teacher.base_model.register_forward_hook(lambda *a, name=name: hook(*a, name), with_kwargs=True)
     return calls
 
 
