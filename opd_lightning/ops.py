@@ -257,9 +257,10 @@ def logits_at(logits: Logits, rows: Tensor, cols: Tensor) -> Tensor:
         return logits.head(logits.hidden[rows, cols])
     if isinstance(logits, RoutedLogits):
         owner, local = logits.owner[rows], logits.local[rows]
-        parts = [0] if len(logits.parts) == 1 else owner.unique().tolist()  # unique() waits for the device
-        if len(parts) <= 1:  # one model's rows (or no position at all): no assembly
-            return logits_at(logits.parts[parts[0] if parts else 0][1], local, cols)
+        # unique() waits for the device: skipped when there is one part; [0] when there is no position at all
+        parts = [0] if len(logits.parts) == 1 else owner.unique().tolist() or [0]
+        if len(parts) == 1:  # one model's rows: no assembly
+            return logits_at(logits.parts[parts[0]][1], local, cols)
         out = None
         for j in parts:
             pick = (owner == j).nonzero(as_tuple=True)[0]
