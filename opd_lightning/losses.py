@@ -3,7 +3,10 @@
 Conventions shared by every function here:
 
 * **Aligned inputs.** ``logits[b, t]`` is the distribution that predicts ``tokens[b, t]``; the stage
-  does the causal shift once. Logits are ``[B, T, V]``; tokens, masks and log-probs ``[B, T]``.
+  does the causal shift once. Logits are ``[B, T, V]``; tokens, masks and log-probs ``[B, T]``. The
+  full-vocabulary divergences also take the student's logits as :class:`~opd_lightning.ops.HiddenLogits`
+  (hidden states and LM head) and the teacher's in any :data:`~opd_lightning.ops.Logits` form; they then
+  compare a chunk of positions at a time and never hold ``[B, T, V]``, with the same value and gradient.
   Logits must be finite (padded vocabulary entries hold large negative numbers, not ``-inf``).
 * **Masks** are True where a token counts (bool; float / int masks are read with ``.bool()``).
   Whatever sits at masked-out positions never changes a loss or its gradient.
@@ -26,13 +29,23 @@ here because they carry the loss normalisation above.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opd_lightning.ops import kl_divergence, log_softmax, support_logprobs, upcast
+from opd_lightning.ops import (
+    HiddenLogits,
+    Logits,
+    dense,
+    kl_divergence,
+    log_softmax,
+    map_positions,
+    support_logprobs,
+    upcast,
+)
 
 __all__ = [
     "completion_nll",
@@ -142,8 +155,32 @@ def _kl_to_mixture(logp: Tensor, logq: Tensor, w: float) -> Tensor:
     return -(logp.exp() * _log_mixture_ratio(logq - logp, w)).sum(-1)
 
 
+def _per_token(
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    student_logits: Tensor | HiddenLogits,
+    teacher_logits: Logits,
+    mask: Tensor,
+) -> Tensor:
+    """``divergence(log p_S, log p_T)`` per token, ``[B, T]``.
+
+    Student logits given as :class:`~opd_lightning.ops.HiddenLogits`: both sides are made and compared a chunk of
+    masked positions at a time and the student's chunks recomputed in the backward pass
+    (:func:`opd_lightning.ops.map_positions`), so no ``[B, T, V]`` tensor exists; 0 at masked-out positions.
+    Dense student logits: the whole ``[B, T, V]`` log-softmaxes at once (the teacher's made dense too).
+    """
+    if isinstance(student_logits, HiddenLogits):
+        return map_positions(
+            lambda s, t: divergence(log_softmax(s), log_softmax(t)), mask, student_logits, teacher_logits
+        )
+    return divergence(log_softmax(student_logits), log_softmax(dense(teacher_logits)))
+
+
 def forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, normalizer: Normalizer = None
+    student_logits: Tensor | HiddenLogits,
+    teacher_logits: Logits,
+    mask: Tensor,
+    *,
+    normalizer: Normalizer = None,
 ) -> tuple[Tensor, Metrics]:
     """Forward KL ``KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))`` per token, token mean.
 
@@ -151,12 +188,18 @@ def forward_kl(
     distillation; GKD ``beta = 0``). Normalisation: ``normalizer`` (default local ``mask.sum()``),
     see :func:`masked_mean`. Metrics: ``forward_kl``.
     """
-    per_token = kl_divergence(log_softmax(teacher_logits), log_softmax(student_logits))
+    per_token = _per_token(
+        lambda logp_s, logp_t: kl_divergence(logp_t, logp_s), student_logits, teacher_logits, mask
+    )
     return masked_mean(per_token, mask, normalizer), {"forward_kl": _local_mean(per_token, mask)}
 
 
 def reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, normalizer: Normalizer = None
+    student_logits: Tensor | HiddenLogits,
+    teacher_logits: Logits,
+    mask: Tensor,
+    *,
+    normalizer: Normalizer = None,
 ) -> tuple[Tensor, Metrics]:
     """Reverse KL ``KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))`` per token, full vocabulary.
 
@@ -164,13 +207,13 @@ def reverse_kl(
     ignores (MiniLLM, Gu et al. 2024; on-policy distillation, Agarwal et al. 2024). Normalisation:
     ``normalizer`` (default local ``mask.sum()``), see :func:`masked_mean`. Metrics: ``reverse_kl``.
     """
-    per_token = kl_divergence(log_softmax(student_logits), log_softmax(teacher_logits))
+    per_token = _per_token(kl_divergence, student_logits, teacher_logits, mask)
     return masked_mean(per_token, mask, normalizer), {"reverse_kl": _local_mean(per_token, mask)}
 
 
 def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Tensor | HiddenLogits,
+    teacher_logits: Logits,
     mask: Tensor,
     *,
     beta: float = 0.5,
@@ -196,22 +239,24 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    logp_s, logp_t = log_softmax(student_logits), log_softmax(teacher_logits)
-    if beta == 0.0:
-        per_token = kl_divergence(logp_t, logp_s)
-    elif beta == 1.0:
-        per_token = kl_divergence(logp_s, logp_t)
-    else:
+
+    def jsd(logp_s: Tensor, logp_t: Tensor) -> Tensor:
+        if beta == 0.0:
+            return kl_divergence(logp_t, logp_s)
+        if beta == 1.0:
+            return kl_divergence(logp_s, logp_t)
         # KL(p_T || m) mixes p_T with weight beta; KL(p_S || m) mixes p_S with weight 1 - beta.
-        per_token = beta * _kl_to_mixture(logp_t, logp_s, beta) + (1.0 - beta) * _kl_to_mixture(
+        return beta * _kl_to_mixture(logp_t, logp_s, beta) + (1.0 - beta) * _kl_to_mixture(
             logp_s, logp_t, 1.0 - beta
         )
+
+    per_token = _per_token(jsd, student_logits, teacher_logits, mask)
     return masked_mean(per_token, mask, normalizer), {"jsd": _local_mean(per_token, mask)}
 
 
 def skew_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Tensor | HiddenLogits,
+    teacher_logits: Logits,
     mask: Tensor,
     *,
     alpha: float = 0.1,
@@ -231,11 +276,11 @@ def skew_kl(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    logp_s, logp_t = log_softmax(student_logits), log_softmax(teacher_logits)
     if reverse:
-        per_token, name = _kl_to_mixture(logp_s, logp_t, alpha), "skew_reverse_kl"
+        per_token = _per_token(lambda s, t: _kl_to_mixture(s, t, alpha), student_logits, teacher_logits, mask)
     else:
-        per_token, name = _kl_to_mixture(logp_t, logp_s, alpha), "skew_kl"
+        per_token = _per_token(lambda s, t: _kl_to_mixture(t, s, alpha), student_logits, teacher_logits, mask)
+    name = "skew_reverse_kl" if reverse else "skew_kl"
     return masked_mean(per_token, mask, normalizer), {name: _local_mean(per_token, mask)}
 
 

@@ -9,10 +9,12 @@ so a rollout's behaviour log-probs, a teacher's scores and a loss's log-probs ar
 
 **Logits that are never whole.** At a real vocabulary a batch's ``[N, C, V]`` logits are the largest
 tensors of a step (64 rows x 4,096 tokens x 152k ids is 160 GB in float32). :class:`HiddenLogits` keeps the
-final hidden states ``[N, C, H]`` and the LM head instead; :func:`position_chunks` and :func:`logits_at`
-turn a chunk of real (masked-in) positions at a time into logits, and :func:`gather_logprobs` reads
-log-probs at a few ids that way, with autograd, recomputing each chunk in the backward pass (activation
-checkpointing), so memory is O(chunk x V) plus O(N x C x H), not O(N x C x V).
+final hidden states ``[N, C, H]`` and the LM head instead (:class:`RoutedLogits`: one per routed teacher);
+:func:`position_chunks` and :func:`logits_at` turn a chunk of real (masked-in) positions at a time into logits.
+:func:`map_positions` reduces each chunk to per-position values with autograd, recomputing the chunk in the
+backward pass (activation checkpointing), so memory is O(chunk x V) plus O(N x C x H), not O(N x C x V):
+:func:`gather_logprobs` reads log-probs at a few ids that way, the full-vocabulary losses compare the student's
+and the teacher's whole distributions that way (:mod:`opd_lightning.losses`).
 
 Masked means stay in :mod:`opd_lightning.losses`: a masked mean is where a loss's normalisation lives
 (the ``normalizer`` that keeps a token mean the same under data parallelism), which is a property of
@@ -21,7 +23,9 @@ the loss, not of a log-prob.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,10 +36,14 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "LOGIT_CHUNK_ELEMENTS",
     "HiddenLogits",
+    "Logits",
+    "RoutedLogits",
+    "dense",
     "gather_logprobs",
     "kl_divergence",
     "log_softmax",
     "logits_at",
+    "map_positions",
     "position_chunks",
     "support_logprobs",
     "token_logprobs",
@@ -176,8 +184,60 @@ class HiddenLogits:
         return HiddenLogits(self.hidden.detach(), self.head)
 
     def dense(self) -> Tensor:
-        """The whole ``[N, C, V]`` logits: for a consumer that needs them all (full-vocabulary losses)."""
+        """The whole ``[N, C, V]`` logits: for a consumer that needs them all at once."""
         return self.head(self.hidden)
+
+
+@dataclass
+class RoutedLogits:
+    """Logits ``[N, C, V]`` whose rows come from different models (each row's routed teacher): ``parts`` pairs the
+    batch rows ``[n_j]`` that one forward scored with their logits ``[n_j, C, V]``, dense or :class:`HiddenLogits`
+    (a teacher without a separable LM head stays dense); every row is in exactly one part. Built by
+    :meth:`opd_lightning.teachers.TeacherPool.score` for the full-vocabulary losses, read by :func:`logits_at`."""
+
+    parts: list[tuple[Tensor, Tensor | HiddenLogits]]
+    rows: int  # N
+    owner: Tensor = field(init=False, repr=False)  # [N] index of each row's part
+    local: Tensor = field(init=False, repr=False)  # [N] each row's index within its part
+
+    def __post_init__(self) -> None:
+        device = self.parts[0][0].device
+        self.owner = torch.full((self.rows,), -1, dtype=torch.long, device=device)
+        self.local = torch.zeros(self.rows, dtype=torch.long, device=device)
+        for j, (rows, _) in enumerate(self.parts):
+            self.owner[rows] = j
+            self.local[rows] = torch.arange(len(rows), device=device)
+        if bool((self.owner < 0).any()):
+            missing = (self.owner < 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"RoutedLogits: rows {missing} are in no part; every row needs its model's logits"
+            )
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, *self.parts[0][1].shape[1:]))
+
+    def dense(self) -> Tensor:
+        out = None
+        for rows, part in self.parts:
+            values = dense(part)
+            if out is None:
+                out = values.new_empty((self.rows, *values.shape[1:]))
+            out[rows] = values
+        return out
+
+
+Logits = Tensor | HiddenLogits | RoutedLogits
+"""Logits ``[N, C, V]`` in any of the forms :func:`logits_at` reads."""
+
+
+def dense(logits: Logits) -> Tensor:
+    """The whole ``[N, C, V]`` logits of any form: for a consumer that needs them all at once."""
+    return logits if isinstance(logits, Tensor) else logits.dense()
+
+
+def _positions_per_chunk(vocab: int, chunk_elements: int | None) -> int:
+    return max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // vocab)
 
 
 def position_chunks(
@@ -187,19 +247,76 @@ def position_chunks(
     ``chunk_elements // vocab`` positions (at least 1) per chunk: padding gets no logits at all.
     ``chunk_elements`` defaults to :data:`LOGIT_CHUNK_ELEMENTS`, read at call time."""
     rows, cols = mask.bool().nonzero(as_tuple=True)
-    size = max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // vocab)
+    size = _positions_per_chunk(vocab, chunk_elements)
     return list(zip(rows.split(size), cols.split(size), strict=True))
 
 
-def logits_at(logits: Tensor | HiddenLogits, rows: Tensor, cols: Tensor) -> Tensor:
+def logits_at(logits: Logits, rows: Tensor, cols: Tensor) -> Tensor:
     """The logits at positions ``(rows[i], cols[i])``: ``[p, V]``, in the model's dtype."""
     if isinstance(logits, HiddenLogits):
         return logits.head(logits.hidden[rows, cols])
+    if isinstance(logits, RoutedLogits):
+        owner, local = logits.owner[rows], logits.local[rows]
+        # unique() waits for the device: skipped when there is one part; [0] when there is no position at all
+        parts = [0] if len(logits.parts) == 1 else owner.unique().tolist() or [0]
+        if len(parts) == 1:  # one model's rows: no assembly
+            return logits_at(logits.parts[parts[0]][1], local, cols)
+        out = None
+        for j in parts:
+            pick = (owner == j).nonzero(as_tuple=True)[0]
+            values = logits_at(logits.parts[j][1], local[pick], cols[pick])
+            if out is None:
+                out = values.new_empty((len(rows), values.shape[-1]))
+            out[pick] = values
+        return out
     return logits[rows, cols]
 
 
-def _head_logprobs(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    return support_logprobs(head(hidden), ids, temperature=temperature)
+def _chunk_values(
+    fn: Callable[..., Tensor], head: nn.Module, hidden: Tensor, rows: Tensor, cols: Tensor,
+    others: tuple[Logits, ...], *values: Tensor,
+) -> Tensor:  # fmt: skip
+    return fn(head(hidden), *(logits_at(other, rows, cols) for other in others), *values)
+
+
+def map_positions(
+    fn: Callable[..., Tensor],
+    mask: Tensor,
+    logits: HiddenLogits,
+    *others: Logits,
+    per_position: Sequence[Tensor] = (),
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """``fn`` at the True positions of ``mask [N, C]``, a chunk of positions at a time; 0 elsewhere: ``[N, C, ...]``.
+
+    ``fn(z, *other_z, *values) -> [p, ...]`` gets one chunk's logits ``z [p, V]``, made from ``logits``'s hidden
+    states by its head, the logits of ``others`` at the same positions (any form, :func:`logits_at`) and the
+    entries of ``per_position`` (``[N, C, ...]`` each) there. Chunks hold ``chunk_elements // V`` positions
+    (:func:`position_chunks`); padding gets no logits. Only ``fn``'s per-position results are kept: with autograd
+    on and more than one chunk, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``), its
+    logits and ``fn``'s temporaries included, so memory is O(chunk x V) plus the hidden states, not O(N x C x V),
+    at the cost of a second LM-head product per chunk (and per model in ``others`` made from hidden states).
+    Differentiable with respect to ``logits``'s hidden states and head (and ``others``', where they need grad).
+    """
+    mask = mask.bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    size = _positions_per_chunk(logits.shape[-1], chunk_elements)
+    # One gather of the real positions' hidden states, split into views: the backward pass then scatters their
+    # gradient into [N, C, H] once, where indexing each chunk would zero-fill an [N, C, H] gradient per chunk.
+    hidden = logits.hidden[rows, cols].split(size)
+    values = [value[rows, cols].split(size) for value in per_position]
+    recompute = len(hidden) > 1 and torch.is_grad_enabled()
+    pieces = []
+    for chunk_hidden, chunk_rows, chunk_cols, *chunk_values in zip(
+        hidden, rows.split(size), cols.split(size), *values, strict=True
+    ):
+        args = (fn, logits.head, chunk_hidden, chunk_rows, chunk_cols, others, *chunk_values)
+        if recompute:
+            pieces.append(checkpoint(_chunk_values, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(_chunk_values(*args))
+    out = torch.cat(pieces)
+    return out.new_zeros((*mask.shape, *out.shape[1:])).index_put((rows, cols), out)
 
 
 def gather_logprobs(
@@ -214,26 +331,13 @@ def gather_logprobs(
     and ``mask [N, C]`` -> ``[N, C, K]``, at least float32. Differentiable.
 
     Dense logits go through :func:`support_logprobs`. :class:`HiddenLogits` are made a chunk of real
-    positions at a time (:func:`position_chunks`); with autograd on and more than one chunk, each chunk is
-    recomputed in the backward pass (``torch.utils.checkpoint``), so only the hidden states are kept and
-    memory is O(chunk x V), at the cost of a second LM-head product per chunk. Used for the student side of
-    the sampled-token and top-k losses (:func:`opd_lightning.stages.opd.distillation_loss`).
+    positions at a time, each chunk recomputed in the backward pass (:func:`map_positions`), so memory is
+    O(chunk x V). Used for the student side of the sampled-token and top-k losses
+    (:func:`opd_lightning.stages.opd.distillation_loss`).
     """
     mask = mask.bool()
     if not isinstance(logits, HiddenLogits):
         values = support_logprobs(logits, ids, temperature=temperature)
         return torch.where(mask.unsqueeze(-1), upcast(values), 0.0)
-    n, c, k = ids.shape
-    chunks = position_chunks(mask, logits.shape[-1], chunk_elements)
-    recompute = len(chunks) > 1 and torch.is_grad_enabled()
-    pieces = []
-    for rows, cols in chunks:
-        args = (logits.head, logits.hidden[rows, cols], ids[rows, cols], temperature)
-        if recompute:
-            pieces.append(checkpoint(_head_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            pieces.append(_head_logprobs(*args))
-    if not pieces:
-        return torch.zeros((n, c, k), dtype=torch.float32, device=ids.device)
-    values = torch.cat(pieces)
-    return values.new_zeros((n, c, k)).index_put(mask.nonzero(as_tuple=True), values)
+    read = functools.partial(support_logprobs, temperature=temperature)
+    return map_positions(read, mask, logits, per_position=(ids,), chunk_elements=chunk_elements)

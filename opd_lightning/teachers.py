@@ -14,9 +14,10 @@ Mechanics, in the order a batch meets them:
   data's domains at start-up.
 * **Scoring** (:meth:`TeacherPool.score`) runs each teacher only on the rows routed to it, one
   teacher-forced forward per micro-batch (bounded in rows and in padded tokens, :func:`forward_chunks`), under
-  ``no_grad``. It returns the teacher log-probs of the sampled
-  tokens and, as the loss needs them, either the full teacher logits of the completion positions or only a
-  top-k support (O(k) per token). Unless the full logits are asked for, the forward stops at the final
+  ``no_grad``. It returns the teacher log-probs of the sampled tokens and, as the loss needs them, either the
+  full teacher logits of the completion positions (dense, or kept as hidden states and LM heads for the losses
+  to make a chunk at a time) or only a top-k support (O(k) per token). Unless the full logits are asked for,
+  the forward stops at the final
   hidden states and the LM head runs on a chunk of completion positions at a time, each chunk reduced before
   the next (:mod:`opd_lightning.ops`), so the top-k and sampled-token paths never hold ``[N, C, V]``. Given
   the student's logits it also returns :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL,
@@ -48,6 +49,7 @@ from opd_lightning.models import (
 )
 from opd_lightning.ops import (
     HiddenLogits,
+    RoutedLogits,
     logits_at,
     position_chunks,
     support_logprobs,
@@ -76,7 +78,7 @@ class TeacherScores:
 
     teacher: list[str]  # [N] name of the teacher each row was routed to
     logprobs: Tensor  # [N, C] float32 log p_T(sampled token), 0 where the completion mask is False
-    logits: Tensor | None = None  # [N, C, V] teacher logits at completion positions (full mode)
+    logits: Tensor | RoutedLogits | None = None  # [N, C, V] teacher logits at completion positions (full mode)
     support_ids: Tensor | None = None  # [N, C, K] top-k support (top-k mode), from ops.topk_support
     support_logprobs: Tensor | None = None  # [N, C, K] float32 log p_T at support_ids
     support_valid: Tensor | None = None  # [N, C, K] bool, False for duplicate ids of a "union" support
@@ -292,6 +294,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
         student_logits: Tensor | HiddenLogits | None = None,
         stats: bool = True,
         keep_logits: bool = False,
+        lazy_logits: bool = False,
         top_k: int | None = None,
         top_k_from: Literal["teacher", "student", "union"] = "teacher",
         overlap_k: int = 8,
@@ -301,8 +304,8 @@ class TeacherPool(TeacherRoutes, nn.Module):
         """Score the completions of ``rollout`` under each row's routed teacher.
 
         Each teacher runs only on its rows, at most ``micro_batch_size`` rows and ``token_budget`` padded tokens
-        per forward (default: all of them; :func:`forward_chunks`). Unless
-        ``keep_logits``, a forward yields the teacher's final hidden states
+        per forward (default: all of them; :func:`forward_chunks`). Unless ``keep_logits`` without
+        ``lazy_logits``, a forward yields the teacher's final hidden states
         (:func:`opd_lightning.rollout.lazy_completion_logits`) and its logits are made
         :data:`opd_lightning.ops.LOGIT_CHUNK_ELEMENTS` at a time, at completion positions only, each chunk
         reduced to what is asked for before the next: memory O(k) per token plus one chunk, not O(V).
@@ -315,6 +318,9 @@ class TeacherPool(TeacherRoutes, nn.Module):
             stats: compute :func:`opd_lightning.metrics.distillation_stats` (when ``student_logits`` is given);
                 the stage turns them off on the steps that do not log them (``distill.stats_every``).
             keep_logits: return the full teacher logits ``[N, C, V]`` (full-vocabulary losses).
+            lazy_logits: with ``keep_logits``, return them as :class:`~opd_lightning.ops.RoutedLogits`: each
+                forward's final hidden states and its teacher's LM head (dense where a teacher has no separable
+                head, :func:`~opd_lightning.rollout.output_head`), so the losses make them a chunk at a time.
             top_k: return a top-k support instead (``ops.topk_support`` + ``ops.support_logprobs``), O(k)
                 per token; ``None`` for none.
             top_k_from: whose top-k ids make the support.
@@ -338,6 +344,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
         diagnostics = {key: torch.zeros_like(teacher_logprobs) for key in DISTILLATION_STATS if with_stats}
         seconds: dict[str, float] = {}
         tokens: dict[str, int] = {}
+        kept: list[tuple[Tensor, Tensor | HiddenLogits]] = []  # (rows, logits) per forward, for lazy_logits
 
         routed = self.rows(rollout.domains, device)
         lengths = rollout.prompt_mask.sum(-1), mask.sum(-1)  # [N], [N]
@@ -352,9 +359,11 @@ class TeacherPool(TeacherRoutes, nn.Module):
             rows = routed[name]
             start = time.perf_counter()
             for chunk in chunks[name]:
-                forward = completion_logits if keep_logits else lazy_completion_logits
+                forward = completion_logits if keep_logits and not lazy_logits else lazy_completion_logits
                 teacher = forward(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
-                if keep_logits:
+                if keep_logits and lazy_logits:
+                    kept.append((chunk, teacher))
+                elif keep_logits:
                     if "logits" not in outputs:
                         outputs["logits"] = teacher.new_empty((n, *teacher.shape[1:]))
                     outputs["logits"][chunk] = teacher
@@ -381,6 +390,8 @@ class TeacherPool(TeacherRoutes, nn.Module):
                 torch.cuda.synchronize(device)  # kernels are asynchronous: time the work, not the launch
             seconds[name] = time.perf_counter() - start
             tokens[name] = int(mask[rows].sum())
+        if kept:
+            outputs["logits"] = RoutedLogits(kept, n)
         return TeacherScores(
             teacher=self.route(rollout.domains),
             logprobs=teacher_logprobs,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from opd_lightning import ops
 from opd_lightning.losses import (
     completion_nll,
     distillation_advantages,
@@ -24,7 +25,7 @@ from opd_lightning.losses import (
     topk_reverse_kl,
     topk_reverse_kl_from_logprobs,
 )
-from opd_lightning.ops import gather_logprobs, support_logprobs, topk_support
+from opd_lightning.ops import HiddenLogits, RoutedLogits, gather_logprobs, support_logprobs, topk_support
 
 B, T, V = 3, 4, 7
 # Ragged: row 0 full, row 1 three tokens, row 2 one token. 8 tokens in all.
@@ -177,6 +178,140 @@ def test_mixture_divergences_stay_finite_for_extreme_logits():
     ]:
         (grad,) = torch.autograd.grad(loss, student)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-vocabulary divergences from hidden states, a chunk of positions at a time
+# --------------------------------------------------------------------------------------------------
+
+H = 5
+FULL_VOCABULARY = {name: fn for name, (fn, _) in DIVERGENCES.items()} | {
+    "jsd_0": lambda s, t, m, **kw: generalized_jsd(s, t, m, beta=0.0, **kw),
+    "jsd_1": lambda s, t, m, **kw: generalized_jsd(s, t, m, beta=1.0, **kw),
+}
+
+
+def hidden_and_head(seed: int, dtype=torch.float32, rows: int = B) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """Final hidden states ``[rows, T, H]`` and an LM head ``H -> V``, both with grad; padding holds huge values."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g, dtype=dtype))
+    hidden = torch.randn(rows, T, H, generator=g, dtype=dtype)
+    if rows == B:
+        hidden = torch.where(MASK[..., None], hidden, 1e4)  # whatever sits at padding is never read
+    return hidden.requires_grad_(), head
+
+
+def routed_teacher(dtype=torch.float32):
+    """Two teachers with their own heads: rows 0 and 2 routed to the first, row 1 to the second (as
+    TeacherPool.score builds it), and the dense [B, T, V] logits they stand for."""
+    (hidden_a, head_a), (hidden_b, head_b) = (
+        hidden_and_head(10, dtype, rows=2),
+        hidden_and_head(11, dtype, rows=1),
+    )
+    hidden_a, hidden_b = hidden_a.detach(), hidden_b.detach()
+    parts = [
+        (torch.tensor([0, 2]), HiddenLogits(hidden_a, head_a)),
+        (torch.tensor([1]), HiddenLogits(hidden_b, head_b)),
+    ]
+    with torch.no_grad():
+        dense = torch.stack([head_a(hidden_a[0]), head_b(hidden_b[0]), head_a(hidden_a[1])])
+    return RoutedLogits(parts, B), dense
+
+
+@pytest.mark.parametrize("positions", [1, 3, 100], ids=["1-per-chunk", "3-per-chunk", "one-chunk"])
+@pytest.mark.parametrize("teacher_form", ["routed", "hidden", "dense"])
+@pytest.mark.parametrize("name", FULL_VOCABULARY)
+def test_full_vocabulary_divergence_from_hidden_states_equals_the_dense_loss_metrics_and_gradient(
+    name, teacher_form, positions, monkeypatch
+):
+    """The chunked path (student's head run a few masked positions at a time, recomputed in the backward pass;
+    the teacher's logits read at the same positions) against the dense [B, T, V] one, float32."""
+    fn = FULL_VOCABULARY[name]
+    hidden, head = hidden_and_head(0)
+    teacher, teacher_dense = routed_teacher()
+    if teacher_form == "hidden":
+        teacher_hidden, teacher_head = hidden_and_head(1)
+        teacher, teacher_dense = (
+            HiddenLogits(teacher_hidden.detach(), teacher_head),
+            teacher_head(teacher_hidden).detach(),
+        )
+    elif teacher_form == "dense":
+        teacher = teacher_dense
+    normalizer = 11.0  # as the stage passes: a constant, not the local token count
+
+    dense_loss, dense_metrics = fn(head(hidden), teacher_dense, MASK, normalizer=normalizer)
+    dense_grads = torch.autograd.grad(dense_loss, [hidden, head.weight])
+    if name in DIVERGENCES:  # and the dense loss is the brute-force one
+        brute = DIVERGENCES[name][1]
+        mean = brute_token_mean(
+            lambda s, t: brute(softmax_np(s), softmax_np(t)), head(hidden).detach(), teacher_dense
+        )
+        assert dense_loss.item() == pytest.approx(mean * MASK.sum().item() / normalizer, rel=1e-5)
+
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", positions * V)
+    loss, metrics = fn(HiddenLogits(hidden, head), teacher, MASK, normalizer=normalizer)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    torch.testing.assert_close(loss, dense_loss, rtol=1e-6, atol=1e-6)
+    assert metrics.keys() == dense_metrics.keys()
+    for key, value in dense_metrics.items():
+        assert not metrics[key].requires_grad
+        torch.testing.assert_close(metrics[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    for got, want in zip(grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (grads[0][~MASK] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd_0.3", "skew_kl"])
+def test_gradcheck_of_the_chunked_divergence_through_recomputed_chunks(name, monkeypatch):
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 2 * V)  # 4 chunks of 2 positions
+    hidden, head = hidden_and_head(0, torch.float64)
+    teacher, _ = routed_teacher(torch.float64)
+    weight = head.weight.detach().clone().requires_grad_()
+
+    class MatmulHead:  # an LM head whose weight is gradcheck's own input
+        def __init__(self, weight: torch.Tensor):
+            self.weight = weight
+
+        def __call__(self, h: torch.Tensor) -> torch.Tensor:
+            return h @ self.weight.T
+
+    def fn(hidden, weight):
+        return FULL_VOCABULARY[name](HiddenLogits(hidden, MatmulHead(weight)), teacher, MASK)[0]
+
+    assert torch.autograd.gradcheck(fn, (hidden.detach().clone().requires_grad_(), weight))
+
+
+def test_chunked_divergence_makes_only_a_chunk_of_logits_at_a_time_forward_and_backward(monkeypatch):
+    """No [B, T, V] tensor on either side: each head sees at most 3 positions per call, the masked ones only,
+    the student's once in the forward pass and once more when the backward pass recomputes its chunk."""
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 3 * V)
+    hidden, head = hidden_and_head(0)
+    teacher, _ = routed_teacher()
+    seen = {"student": [], "teacher": []}
+    head.register_forward_hook(lambda m, i, out: seen["student"].append(tuple(out.shape)))
+    for _, part in teacher.parts:
+        part.head.register_forward_hook(lambda m, i, out: seen["teacher"].append(tuple(out.shape)))
+    loss, _ = generalized_jsd(HiddenLogits(hidden, head), teacher, MASK, beta=0.3)
+    forward_positions = sum(shape[0] for shape in seen["student"])
+    loss.backward()
+    for shapes in seen.values():
+        assert shapes and all(len(shape) == 2 and shape[0] <= 3 for shape in shapes), shapes
+    assert forward_positions == MASK.sum(), "each real position once, padding never"
+    assert sum(shape[0] for shape in seen["student"]) == 2 * MASK.sum(), (
+        "recomputed once in the backward pass"
+    )
+
+
+def test_chunked_divergence_on_an_empty_mask_is_zero_with_zero_gradient():
+    hidden, head = hidden_and_head(0)
+    teacher, _ = routed_teacher()
+    empty = torch.zeros_like(MASK)
+    loss, metrics = reverse_kl(HiddenLogits(hidden, head), teacher, empty)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    assert loss.item() == 0.0 and metrics["reverse_kl"].item() == 0.0
+    assert all((grad == 0).all() for grad in grads)
 
 
 # --------------------------------------------------------------------------------------------------

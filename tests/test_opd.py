@@ -103,7 +103,8 @@ def watch_teachers(module):
     module.teachers.score = recording_score
     module.configure_model()
     for name, teacher in module.teachers.models.items():
-        teacher.register_forward_hook(lambda *a, name=name: hook(*a, name), with_kwargs=True)
+        # the base model: scoring runs it alone (hidden states, the LM head applied a chunk at a time)
+        teacher.base_model.register_forward_hook(lambda *a, name=name: hook(*a, name), with_kwargs=True)
     return calls
 
 
@@ -347,14 +348,20 @@ def test_topk_reverse_kl_with_k_equal_to_the_vocabulary_is_the_full_one(tiny_dir
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(loss="sampled_reverse_kl"), dict(loss="reverse_kl", top_k=4, top_k_from="union")],
-    ids=["sampled_reverse_kl", "top_k-union"],
+    [
+        dict(loss="sampled_reverse_kl"),
+        dict(loss="reverse_kl", top_k=4, top_k_from="union"),
+        dict(loss="reverse_kl"),
+        dict(loss="generalized_jsd", beta=0.3),
+    ],
+    ids=["sampled_reverse_kl", "top_k-union", "reverse_kl", "generalized_jsd"],
 )
 def test_the_students_hidden_state_path_gives_the_dense_loss_and_gradient(
     tiny_dir, teachers, tiny_tokenizer, monkeypatch, fields
 ):
-    """What training_step runs for the sampled-token and top-k losses (student and teachers as hidden states, the
-    LM heads run 3 positions at a time and recomputed in the backward pass) against the dense [N, C, V] path."""
+    """What training_step runs (student and teachers as hidden states, the LM heads run 3 positions at a time and
+    the student's recomputed in the backward pass; for the full-vocabulary losses, two routed teachers scored in
+    micro-batches of 2 rows) against the dense [N, C, V] path."""
     module, data = make(tiny_dir, {"math": teachers[0], "string": teachers[1]})
     module.configure_model()
     data.setup("fit")
@@ -370,7 +377,10 @@ def test_the_students_hidden_state_path_gives_the_dense_loss_and_gradient(
         module.policy.zero_grad()
         student = forward(module.policy, rollout.input_ids, rollout.attention_mask, 6)
         scores = module.teachers.score(rollout, student_logits=student.detach(), top_k=config.top_k,
-                                       top_k_from=config.top_k_from)  # fmt: skip
+                                       top_k_from=config.top_k_from, keep_logits=config.needs_teacher_logits,
+                                       lazy_logits=forward is lazy_completion_logits, micro_batch_size=2)  # fmt: skip
+        if forward is lazy_completion_logits and config.needs_teacher_logits:  # 3 + 3 rows, 2 per forward
+            assert isinstance(scores.logits, ops.RoutedLogits) and len(scores.logits.parts) == 4
         loss, metrics = distillation_loss(config, student, rollout, scores, temperature=temperature)
         loss.backward()
         return loss.detach(), metrics, [p.grad.clone() for p in module.policy.parameters()]

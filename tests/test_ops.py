@@ -119,3 +119,27 @@ def test_hidden_logits_make_only_one_chunk_of_logits_at_a_time():
     ops.gather_logprobs(ops.HiddenLogits(hidden, head), ids, MASK, chunk_elements=3 * V).sum().backward()
     assert seen and all(shape[0] <= 3 and len(shape) == 2 for shape in seen), seen
     assert sum(shape[0] for shape in seen[:3]) == MASK.sum(), "forward: each real position once, padding never"
+
+
+def test_routed_logits_read_each_rows_own_model_at_any_positions():
+    """Rows 0 and 2 scored by one model (as hidden states), row 1 by another (dense logits): logits_at over a chunk
+    of positions that spans both gives what the dense [B, T, V] assembly of the two holds there."""
+    (hidden_a, head_a), (hidden_b, head_b) = hidden_and_head(0), hidden_and_head(1)
+    hidden_a, hidden_b = hidden_a[:2].detach(), hidden_b[:1].detach()
+    dense_b = head_b(hidden_b).detach()
+    parts = [(torch.tensor([0, 2]), ops.HiddenLogits(hidden_a, head_a)), (torch.tensor([1]), dense_b)]
+    routed = ops.RoutedLogits(parts, B)
+    with torch.no_grad():
+        expected = torch.stack([head_a(hidden_a[0]), dense_b[0], head_a(hidden_a[1])])
+    assert routed.shape == (B, T, V)
+    torch.testing.assert_close(ops.dense(routed).detach(), expected)
+    rows, cols = MASK.nonzero(as_tuple=True)
+    torch.testing.assert_close(ops.logits_at(routed, rows, cols).detach(), expected[rows, cols])
+    one_model = rows == 1
+    only_b = ops.logits_at(routed, rows[one_model], cols[one_model])  # a chunk within one model's rows
+    torch.testing.assert_close(only_b, expected[1, cols[one_model]])
+
+
+def test_routed_logits_refuse_a_row_that_no_model_scored():
+    with pytest.raises(ValueError, match=r"rows \[1\] are in no part"):
+        ops.RoutedLogits([(torch.tensor([0, 2]), logits(0)[:2])], B)

@@ -51,6 +51,8 @@ LOSSES = {  # name -> DistillConfig fields
     "sampled_reverse_kl": dict(loss="sampled_reverse_kl"),
     "top_k=8": dict(loss="reverse_kl", top_k=8),
     "reverse_kl (full V)": dict(loss="reverse_kl"),
+    "forward_kl (full V)": dict(loss="forward_kl"),
+    "generalized_jsd (full V)": dict(loss="generalized_jsd"),
 }
 # TRL's steps on the same work, for the memory table: TRL 1.16's DistillationTrainer has one loss, a generalized JSD
 # over the full vocabulary, chunked (beta=1: reverse KL; its top-k support lives only in the experimental
@@ -206,9 +208,9 @@ class OursOPD:
 
         m, phases = self.module, self.phases
         phases.wrap(m, "sample", "sampling")
-        phases.wrap(opd, "completion_logits", "student forward")
-        if hasattr(opd, "lazy_completion_logits"):
-            phases.wrap(opd, "lazy_completion_logits", "student forward")
+        for forward in ("completion_logits", "lazy_completion_logits"):  # the stage imports one or both
+            if hasattr(opd, forward):
+                phases.wrap(opd, forward, "student forward")
         phases.wrap(m.teachers, "score", "teacher scoring")
         phases.wrap(opd, "distillation_loss", "loss")
         phases.wrap(opd.rewards, "verify", "reward")
@@ -561,6 +563,9 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
     config = DistillConfig(**LOSSES[loss])
     lazy = getattr(rollout_mod, "lazy_completion_logits", None)  # absent before the hidden-state path
     score_kwargs = {"stats": stats} if "stats" in inspect.signature(pool.score).parameters else {}
+    # the full-vocabulary losses from hidden states too, where the checkout has them (as its training_step)
+    lazy_full = "lazy_logits" in inspect.signature(pool.score).parameters
+    score_kwargs |= {"lazy_logits": True} if lazy_full else {}
 
     def sample():
         with torch.no_grad():
@@ -568,7 +573,7 @@ def memory_child(vocab: int, loss: str, stats: bool) -> dict:
                             domains=["x"] * 8, generator=g)  # fmt: skip
 
     def score_and_train(rollout):
-        forward = completion_logits if config.needs_teacher_logits or lazy is None else lazy
+        forward = completion_logits if (config.needs_teacher_logits and not lazy_full) or lazy is None else lazy
         c = rollout.completion_ids.shape[1]
         student_logits = forward(student, rollout.input_ids, rollout.attention_mask, c)
         wants_student = stats or config.top_k_from != "teacher"
@@ -649,14 +654,14 @@ def measure_memory(root: Path, vocab: int, loss: str, stats: bool) -> dict:
 
 
 def part_memory(args) -> list[dict]:
-    vocabs = ["1k"] if args.quick else list(VOCABS)
+    vocabs = args.vocabs or (["1k"] if args.quick else list(VOCABS))
     checkouts = {"after": Path(__file__).resolve().parents[1]}
     if args.before:
         checkouts["before"] = Path(args.before)
     cells = []  # (version, root, vocab, loss, stats)
     for version, root in checkouts.items():
         for name in vocabs:
-            for loss in LOSSES:
+            for loss in args.losses or LOSSES:
                 for stats in (True, False) if version == "after" and not args.quick else (True,):
                     cells.append((version, root, name, loss, stats))
     if not args.skip_trl:  # TRL's figures do not depend on our checkout: once, beside "after"
@@ -793,6 +798,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (the first is a warm-up)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    # memory cells take minutes each at 152k on a shared CPU: measure a subset
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="memory: only these losses")
+    parser.add_argument("--vocabs", nargs="+", choices=list(VOCABS), help="memory: only these vocabularies")
     args = parser.parse_args()
     if args.memory_child:
         vocab, loss, stats = args.memory_child

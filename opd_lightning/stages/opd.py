@@ -45,7 +45,7 @@ from opd_lightning.losses import (
 )
 from opd_lightning.metrics import DISTILLATION_STATS, DomainMean
 from opd_lightning.ops import HiddenLogits, gather_logprobs
-from opd_lightning.rollout import Rollout, SamplingConfig, completion_logits, lazy_completion_logits
+from opd_lightning.rollout import Rollout, SamplingConfig, lazy_completion_logits
 from opd_lightning.seeding import make_generator
 from opd_lightning.stages.base import PolicyModule
 from opd_lightning.stages.overlap_cold_start import OverlapColdStart, describe, run_overlap_cold_start
@@ -150,7 +150,8 @@ class DistillConfig:
 
     @property
     def needs_teacher_logits(self) -> bool:
-        """Full-vocabulary losses keep the teacher's ``[N, C, V]`` logits; the others need O(1) or O(k)."""
+        """Full-vocabulary losses read the teacher's whole distribution at every position (kept as hidden states
+        and LM heads, made a chunk of positions at a time); the others need O(1) or O(k) per token."""
         return self.loss != "sampled_reverse_kl" and self.top_k is None
 
 
@@ -166,9 +167,11 @@ def distillation_loss(
 ) -> tuple[Tensor, Metrics]:
     """The loss ``config.loss`` of the student's completion logits ``[N, C, V]`` against the routed teachers.
 
-    ``student_logits`` may be :class:`~opd_lightning.ops.HiddenLogits`: the sampled-token and top-k losses then
-    read the student's log-probs a chunk of positions at a time (:func:`opd_lightning.ops.gather_logprobs`),
-    never holding ``[N, C, V]``; the full-vocabulary losses make the dense logits. Distributions are compared
+    ``student_logits`` may be :class:`~opd_lightning.ops.HiddenLogits`: every loss then makes the student's logits
+    a chunk of positions at a time, recomputed in the backward pass, never holding ``[N, C, V]``: the sampled-token
+    and top-k losses read log-probs (:func:`opd_lightning.ops.gather_logprobs`), the full-vocabulary ones compare
+    each chunk with the teacher's logits at the same positions (``scores.logits``, dense or
+    :class:`~opd_lightning.ops.RoutedLogits`) and keep per-token values. Distributions are compared
     at temperature 1. For ``sampled_reverse_kl`` the policy-gradient ratio uses
     the student's log-probs at the sampling ``temperature`` (that of ``rollout.logprobs``), and
     ``task_advantages [N]`` (already normalised) is added to every token's advantage, times
@@ -199,8 +202,6 @@ def distillation_loss(
             gather_logprobs(student_logits, scores.support_ids, mask), scores.support_logprobs, mask,
             support_valid=scores.support_valid, normalizer=normalizer,
         )  # fmt: skip
-    if isinstance(student_logits, HiddenLogits):
-        student_logits = student_logits.dense()
     teacher_logits = scores.logits
     if config.loss == "reverse_kl":
         return reverse_kl(student_logits, teacher_logits, mask, normalizer=normalizer)
@@ -319,9 +320,8 @@ class MultiExpertOPD(PolicyModule):
         mask = rollout.completion_mask  # [N, C]
 
         # 2. the student's distributions at the sampled positions (with grad), the routed teachers' (without);
-        # the sampled-token and top-k losses keep the student's as hidden states, never [N, C, V] logits
-        forward = completion_logits if self.distill.needs_teacher_logits else lazy_completion_logits
-        student_logits = forward(
+        # both kept as hidden states where the models allow it, never as [N, C, V] logits
+        student_logits = lazy_completion_logits(
             self.policy, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         )  # [N, C, V]
         stats = self._stats_due()
@@ -330,6 +330,7 @@ class MultiExpertOPD(PolicyModule):
             student_logits=student_logits.detach() if stats or self.distill.top_k_from != "teacher" else None,
             stats=stats,
             keep_logits=self.distill.needs_teacher_logits,
+            lazy_logits=True,
             top_k=self.distill.top_k,
             top_k_from=self.distill.top_k_from,
             overlap_k=self.distill.overlap_k,
