@@ -449,8 +449,8 @@ def memory_row(report: Report, module, data, optimizer_bytes: int | None) -> Non
         if isinstance(module, GRPO):
             rows //= module.config.num_minibatches
     logits = rows * tokens * vocab * width
-    # the sampled-token and top-k OPD losses keep hidden states and make logits a chunk of positions at a time
-    lazy = isinstance(module, MultiExpertOPD) and not module.distill.needs_teacher_logits
+    # OPD keeps hidden states and makes logits a chunk of positions at a time, for every loss
+    lazy = isinstance(module, MultiExpertOPD)
     chunk = min(rows * tokens, max(1, LOGIT_CHUNK_ELEMENTS // vocab))
     if lazy:
         hidden = rows * tokens * policy.get_input_embeddings().weight.shape[1] * width
@@ -463,10 +463,11 @@ def memory_row(report: Report, module, data, optimizer_bytes: int | None) -> Non
     if isinstance(module, MultiExpertOPD):
         d = module.distill
         full = rows * tokens * vocab * width
-        if d.needs_teacher_logits:
-            teacher = full
-            parts.append(f"teacher logits [{rows}, {tokens}, {vocab}] {_mib(full)} (full vocabulary; distill.top_k: "
-                         f"64 would keep [{rows}, {tokens}, 64] = {_mib(rows * tokens * 64 * 13)})")  # fmt: skip
+        if d.needs_teacher_logits:  # every routed teacher's hidden states, for the loss to make logits from
+            width_t = max(m.get_input_embeddings().weight.shape[1] for m in module.teachers.models.values())
+            teacher = rows * tokens * width_t * width
+            parts.append(f"teacher hidden states [{rows}, {tokens}, {width_t}] {_mib(teacher)} (full-vocabulary "
+                         f"loss, logits [{chunk}, {vocab}] at a time; the whole logits would be {_mib(full)})")  # fmt: skip
         elif d.top_k is not None:
             support = d.top_k * (2 if d.top_k_from == "union" else 1)
             teacher = rows * tokens * support * 13  # int64 id, float32 log-prob, bool valid

@@ -76,7 +76,7 @@ def test_check_passes_on_the_tiny_opd_config_and_writes_nothing(capsys, peaked_d
     assert re.search(r"reverse_kl of the student against itself on \d+ of its samples: 0\.00e\+00", 
                      rows["self-distillation"][0][1])  # fmt: skip
     assert re.search(r"optimiser state \d+\.\d MiB \(measured\)", rows["memory"][0][1])
-    assert re.search(r"teacher logits \[64, 32, \d+\]", rows["memory"][0][1])  # data.batch_size, max_new_tokens
+    assert re.search(r"teacher hidden states \[64, 32, \d+\]", rows["memory"][0][1])  # data.batch_size, max_new_tokens
     assert re.search(r"\d+\.\d\d s per optimiser step", rows["step time"][0][1])
     assert list(tmp_path.iterdir()) == [], "no run folder, checkpoint, log or export"
 
