@@ -5,8 +5,8 @@ behaviour log-probs of every sampled token out.
 
 Why an own decode loop rather than wrapping ``model.generate``
 --------------------------------------------------------------
-Measured 2026-11 on the project CPU (shared machine, so 1 thread and process CPU time, which
-moved ~5% between runs while wall clock moved 5x), random Qwen3 from PLATFORM.md, batch 32 x 64
+Measured 2026-11 on the project CPU (shared machine, so 1 thread, ``nice -n 15`` and process CPU time,
+which moved ~5% between runs while wall clock moved 5x), random Qwen3 from PLATFORM.md, batch 32 x 64
 new tokens, temperature 1, median of 7 interleaved runs, tokens per second:
 
     model   this loop   generate + output_logits   plain generate
@@ -21,15 +21,51 @@ loop keeps one float per token. Tried and dropped: ``StaticCache`` and prealloca
 place of ``DynamicCache``'s ``torch.cat`` (no gain, -3% for the buffers: SDPA on strided views);
 ``torch.multinomial`` (see :func:`_sample`). Greedy output equals ``model.generate(do_sample=False)``
 token for token (tests/test_rollout.py). On GPUs with real models the forward dominates either way.
+
+Where a decode step goes, and ``SamplingConfig.compile``
+-------------------------------------------------------
+Measured 2026-11, same machine and method, one process, engines alternating, median of 7: the tiny
+models of ``opd-tiny --size 1m / 10m`` (vocabulary 1,024), prompts of 12-24 tokens, 32 new tokens at
+temperature 1 (``tools/bench_rollout.py``). Tokens per CPU-second for the whole call (prefill included);
+in brackets the CPU-ms of one decode step (whole call at 32 tokens minus at 1, over 31) and the profiler
+ops per decode step (every nesting level; no load moves it). "linears alone" (the next run) applies each
+``nn.Linear`` of the model once to ``[rows, in]``: the rate the step's matmuls allow, weights from memory.
+
+    model rows  previous loop       this loop           compile=True        model.generate      linears alone
+    1m     8    3,042 (2.47, 1205)  3,081 (2.43, 1190)  5,649 (1.14, 262)   2,756 (2.72, 1251)  20,510
+    1m    32    7,896 (3.52)        8,058 (3.43)        10,854 (2.29)       6,642 (4.26)        35,550
+    10m    8      628 (11.6, 2681)    627 (11.6, 2666)    779 (8.91, 583)     616 (11.8, 2727)   1,259
+    10m   32    1,381 (18.5)        1,407 (18.2)        1,523 (16.2)        1,385 (18.5)        3,139
+
+Eager, a step is ~1,200 (1m) / ~2,700 (10m) small ops, whatever the rows: at 1m it is overhead-bound.
+"This loop" trims only what it owns (~15 ops: positions, no per-step masking of finished rows, the
+cache passed under its current name); the rest is the model's own forward, 80 ops of them its mask.
+At 10m the matmuls stream the 40 MB of weights every step (5.8 of the 11.6 ms at 8 rows) and
+``DynamicCache`` re-copies the whole KV cache with ``torch.cat`` (2.1 ms at 8 rows, 7 ms at 32).
+
+``compile=True`` runs the step as one ``torch.compile``d graph over a ``StaticCache``: 1.9x the
+tokens per CPU-second at 1m x 8 (2.2x per decode step), 1.3-1.4x at 32 rows, 1.25x and 1.1x at 10m.
+Its first call compiles for 10-20 CPU-s (~30 with a cold on-disk cache); with ``dynamic=True`` one
+graph then serves every batch size, prompt length and ``max_new_tokens`` (a static-shape graph would
+recompile for each). What remains at 1m x 8 (profiler, per step): generated kernels and their Python
+wrapper 0.34 ms, matmuls 0.24, SDPA 0.12, dynamo's guard check and pre-graph code 0.11. At 10m x 32
+the compiled step gains little because transformers' SDPA path repeats the grouped KV heads
+(``repeat_kv``) under compile, copying the whole static cache every layer and step, where eager it
+folds them into the query. Tried and dropped: inductor's ``cpp_wrapper`` (no gain per step, longer
+compile) and ``max-autotune-no-cudagraphs`` (a step 1.6x faster than eager, against 2.3x by default). The compile is not the
+default: it pays off after a few hundred rollouts, and every test and first step would pay for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 import torch.distributed as dist
@@ -71,6 +107,14 @@ class SamplingConfig:
     sync_ranks: bool = False
     """Keep decoding until every data-parallel rank is done. FSDP2 gathers parameters inside each
     forward, so ranks that stop at different steps deadlock (see PLATFORM.md)."""
+    compile: bool = False
+    """Decode with a static KV cache and one ``torch.compile``d step (model forward + sampling) per token.
+    Same samples and behaviour log-probs as the eager loop (to float32 round-off). Measured on the CPU at
+    1 thread (module docstring): 1.9x the tokens per CPU-second on the 1M tiny model at 8 rows, 1.1-1.4x
+    at 32 rows or 10M parameters, after a first call that compiles for 10-20 CPU-s (~30 with torch's
+    on-disk cache cold). One graph serves every batch size, prompt length and max_new_tokens; each model
+    and sampling setting (greedy or not, top-k, top-p) compiles its own. Needs transformers >= 5;
+    FSDP2-sharded models and models without static-cache support decode eagerly, with a warning."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -83,6 +127,11 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.compile and int(version("transformers").split(".")[0]) < 5:
+            raise ValueError(
+                f"compile: true needs transformers >= 5 (a static KV cache that tracks its own length), found "
+                f"{version('transformers')}; upgrade transformers or set compile: false"
+            )
         # jsonargparse hands lists from YAML; a tuple keeps the config hashable and immutable.
         self.stop_strings = tuple(self.stop_strings)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -178,20 +227,80 @@ def _filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled
 
 
-def _sample(probs: Tensor, generator: torch.Generator | None, uniform: Tensor | None = None) -> Tensor:
-    """Inverse-CDF draw: one uniform per row (``uniform [N]`` when given, else from ``generator``).
+def _sample(probs: Tensor, uniform: Tensor) -> Tensor:
+    """Inverse-CDF draw: one uniform per row, ``uniform [N]`` in [0, 1) -> token ids ``[N]``.
     ``torch.multinomial`` draws one exponential per vocabulary entry instead, which on CPU cost
     0.75 ms of a ~6 ms decode step (N=32, V=1k) and 108 ms vs 5 ms at V=152k."""
     cdf = probs.cumsum(dim=-1)  # [N, V]
     total = cdf[:, -1:]
-    if uniform is None:
-        uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    else:
-        uniform = uniform.to(probs.dtype)[:, None]
     # Keep u strictly below the total so rounding can never select past the last token.
+    uniform = uniform.to(probs.dtype)[:, None]
     u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     # right=True skips zero-probability tokens: their cdf equals their predecessor's.
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+def _next_token(
+    logits: Tensor, uniform: Tensor | None, temperature: float, top_k: int, top_p: float
+) -> tuple[Tensor, Tensor]:
+    """The next token of every row and its behaviour log-prob, ``([N] long, [N] float32)``, from the last
+    position's ``logits [N, V]``: greedy when ``uniform`` is None, else drawn with ``uniform [N]``."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logits.log_softmax(dim=-1)  # [N, V]
+    if uniform is None:
+        token = logits.argmax(dim=-1)
+    elif top_k or top_p < 1.0:
+        token = _sample(_filter_logits(logits, top_k, top_p).softmax(-1), uniform)
+    else:
+        token = _sample(logp.exp(), uniform)
+    return token, logp.gather(1, token[:, None]).squeeze(1)
+
+
+def _decode_step(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    cache,
+    cache_arg: str,
+    uniform: Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> tuple[Tensor, Tensor]:
+    """One decode forward (``input_ids [N, 1]``, the fed-back tokens) and the token it yields."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        return_dict=True,
+        **{cache_arg: cache},
+    ).logits[:, -1]
+    return _next_token(logits, uniform, temperature, top_k, top_p)
+
+
+@functools.cache
+def _compiled_decode_step() -> Callable[..., tuple[Tensor, Tensor]]:
+    # dynamic=True: one graph serves every batch size and prompt length (the static cache's length is
+    # P + max_new_tokens, so it changes from batch to batch); a graph per shape compiles again each time.
+    # (Sizes that happen to be equal in the first call, e.g. that length and head_dim, are assumed equal
+    # by the first graph, which costs one more compile when they first differ.)
+    return torch.compile(_decode_step, fullgraph=True, dynamic=True)
+
+
+def _compile_refused(model: nn.Module) -> str | None:
+    """Why ``model`` decodes eagerly although ``SamplingConfig.compile`` is set, or None."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not model._can_compile_fullgraph:
+        return f"{type(model).__name__} does not support a static KV cache under torch.compile"
+    if is_sharded(model):
+        # FSDP2 gathers parameters in forward hooks, which the compiled step would trace into its graph.
+        return "it is FSDP2-sharded"
+    return None
 
 
 def _all_ranks_done(local_done: bool, device: torch.device) -> bool:
@@ -247,8 +356,8 @@ def generate(
     the loss as constants, and inference tensors cannot be saved for backward.
 
     Args:
-        model: any HF causal LM (``model(input_ids, attention_mask, position_ids, past_key_values,
-            use_cache)`` returning ``.logits`` and ``.past_key_values``). Switched to eval mode while
+        model: any HF causal LM (``model(input_ids, attention_mask, position_ids, cache or
+            past_key_values, use_cache)`` returning ``.logits`` and the cache). Switched to eval mode while
             sampling (dropout off) and restored module by module afterwards.
         prompt_ids: ``[B, P]`` token ids, left-padded.
         prompt_mask: ``[B, P]`` 1/True for real tokens.
@@ -296,60 +405,77 @@ def generate(
     stop_strings = _StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     sync = config.sync_ranks and dist.is_available() and dist.is_initialized()
     temperature = config.logprob_temperature
-    filtering = not config.greedy and (config.top_k > 0 or config.top_p < 1.0)
+    top_k, top_p = (0, 1.0) if config.greedy else (config.top_k, config.top_p)
+    refusal = _compile_refused(model) if config.compile else None
+    if refusal is not None:
+        warnings.warn(
+            f"SamplingConfig.compile is set but {refusal}: decoding eagerly (same samples)", stacklevel=2
+        )
+    compiled = config.compile and refusal is None
+    # transformers 5 renamed the cache argument; the old name still works there but warns on every call.
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
 
-    # Preallocated once: the decode loop then only writes one column per step.
-    out_ids = torch.full((n, c_max), pad_token_id, dtype=torch.long, device=device)  # [N, C]
-    out_mask = torch.zeros((n, c_max), dtype=torch.bool, device=device)  # [N, C]
-    out_lp = torch.zeros((n, c_max), dtype=torch.float32, device=device)  # [N, C]
+    # Preallocated once: the decode loop then only writes one column per step. Tokens and log-probs of
+    # rows that already stopped are written too and masked once at the end (fewer ops per step).
+    out_ids = torch.empty((n, c_max), dtype=torch.long, device=device)  # [N, C]
+    out_lp = torch.empty((n, c_max), dtype=torch.float32, device=device)  # [N, C]
+    stopped = torch.zeros((n, c_max), dtype=torch.bool, device=device)  # [N, C] row done before step t
     attn = torch.ones((n, p + c_max), dtype=torch.long, device=device)  # [N, P + C]
     attn[:, :p] = prompt_mask
     done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
     position = _position_ids(prompt_mask)  # [N, P]
 
-    step_kwargs = {"use_cache": True, "return_dict": True}
-    prefill_kwargs = dict(step_kwargs)
+    prefill_kwargs = {"use_cache": True, "return_dict": True}
     if _accepts(model, "logits_to_keep"):
         # Without it the prefill materialises [N, P, vocab] logits, gigabytes for real vocabularies.
         prefill_kwargs["logits_to_keep"] = 1
+    if compiled:
+        from transformers import StaticCache
+
+        # Fixed-size KV buffers written in place: the compiled step sees the same tensors at every step.
+        prefill_kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=p + c_max)
+    step = _compiled_decode_step() if compiled else _decode_step
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         out = model(input_ids=prompt_ids, attention_mask=attn[:, :p], position_ids=position, **prefill_kwargs)
-        position = position[:, -1:]  # [N, 1]
+        cache = out.cache if cache_arg == "cache" else out.past_key_values
+        logits = out.logits[:, -1]  # [N, V]
         steps = 0
         for t in range(c_max):
-            if t > 0:
-                position = position + 1
-                out = model(
-                    input_ids=out_ids[:, t - 1 : t],
-                    attention_mask=attn[:, : p + t],
-                    position_ids=position,
-                    past_key_values=out.past_key_values,
-                    **step_kwargs,
-                )
-            logits = out.logits[:, -1].float()  # [N, V]
-            if temperature != 1.0:
-                logits = logits / temperature
-            logp = logits.log_softmax(dim=-1)  # [N, V]
             if config.greedy:
-                token = logits.argmax(dim=-1)
+                uniform = None
+            elif uniforms is not None:
+                # A copy, not a view: the compiled step would specialise on a view's strides and offset.
+                uniform = uniforms[:, t].clone()
             else:
-                probs = (
-                    _filter_logits(logits, config.top_k, config.top_p).softmax(-1)
-                    if filtering
-                    else logp.exp()
+                uniform = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+            if t == 0:
+                token, token_lp = _next_token(logits, uniform, temperature, top_k, top_p)
+                position = position[:, -1:]  # [N, 1]
+            else:
+                position = position + 1
+                # The static cache attends over its whole length (future slots are masked causally), so the
+                # compiled step gets the full mask; the dynamic cache grows by one column per step.
+                token, token_lp = step(
+                    model,
+                    token[:, None],
+                    attn if compiled else attn[:, : p + t],
+                    position,
+                    cache,
+                    cache_arg,
+                    uniform,
+                    temperature,
+                    top_k,
+                    top_p,
                 )
-                token = _sample(probs, generator, None if uniforms is None else uniforms[:, t])
-            running = ~done
-            token_lp = logp.gather(1, token[:, None]).squeeze(1)
-            out_ids[:, t] = token.masked_fill(done, pad_token_id)
-            out_lp[:, t] = token_lp.masked_fill(done, 0.0)
-            out_mask[:, t] = running
-            done = done | torch.isin(token, eos)
+            out_ids[:, t] = token
+            out_lp[:, t] = token_lp
+            stopped[:, t] = done
+            done |= torch.isin(token, eos)
             if stop_strings is not None:
-                done = done | stop_strings(out_ids, t, running & ~done)
+                done |= stop_strings(out_ids, t, ~done)
             steps = t + 1
             all_done = bool(done.all())
             if sync:
@@ -360,13 +486,14 @@ def generate(
         for module, mode in modes.items():
             module.training = mode
 
+    completion_mask = ~stopped[:, :steps]  # [N, steps]
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        # contiguous: a column slice would keep the whole max_new_tokens buffer alive
-        completion_ids=out_ids[:, :steps].contiguous(),
-        completion_mask=out_mask[:, :steps].contiguous(),
-        logprobs=out_lp[:, :steps].contiguous(),
+        # masked_fill copies: a column slice would keep the whole max_new_tokens buffer alive
+        completion_ids=out_ids[:, :steps].masked_fill(stopped[:, :steps], pad_token_id),
+        completion_mask=completion_mask,
+        logprobs=out_lp[:, :steps].masked_fill(stopped[:, :steps], 0.0),
         prompt_index=prompt_index,
         domains=domains_out,
         is_truncated=~done,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import string
@@ -235,6 +236,74 @@ def test_per_row_uniforms_give_a_row_the_same_sample_in_any_batch():
     assert not torch.equal(whole.completion_ids[0], whole.completion_ids[1]), "a group's rows differ"
     with pytest.raises(ValueError, match=r"uniforms must be \[B \* num_samples, max_new_tokens\] = \[8, 16\]"):
         generate(model, ids, mask, config, uniforms=uniforms[:, :4], **kw)
+
+
+def test_a_generator_draws_one_uniform_per_row_per_step_in_step_order():
+    # The generator path is the uniforms path fed from one stream: seeds keep their samples across engines.
+    model = tiny_model()
+    ids, mask = ragged_prompts()
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2)
+    g = torch.Generator().manual_seed(3)
+    uniforms = torch.stack([torch.rand(8, generator=g) for _ in range(12)], dim=1)  # [N, C], step-major draws
+    kw = dict(eos_token_id=[EOS, 2, 3], pad_token_id=PAD)
+    seeded = generate(model, ids, mask, config, generator=torch.Generator().manual_seed(3), **kw)
+    given = generate(model, ids, mask, config, uniforms=uniforms, **kw)
+    assert torch.equal(seeded.completion_ids, given.completion_ids)
+    assert torch.equal(seeded.logprobs, given.logprobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+def test_compiled_decoding_gives_the_eager_samples_and_one_graph_serves_every_shape(temperature):
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    graphs = [counters["stats"]["unique_graphs"]]
+    # a second batch with other prompt lengths, batch size and max_new_tokens must not compile again
+    for lengths, new_tokens in (((7, 3, 5, 1), 10), ((9, 2, 4), 6)):
+        ids, mask = ragged_prompts(lengths)
+        eager_config = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, num_samples=2)
+        uniforms = row_uniforms(0, "test", 0, range(2 * len(lengths)), new_tokens)
+        free = generate(model, ids, mask, eager_config, eos_token_id=[], pad_token_id=PAD, uniforms=uniforms)
+        # a token row 0 emits at step 2 ends it there, so rows stop at different steps
+        kw = dict(eos_token_id=[EOS, int(free.completion_ids[0, 2])], pad_token_id=PAD, uniforms=uniforms)
+        eager = generate(model, ids, mask, eager_config, **kw)
+        compiled = generate(model, ids, mask, dataclasses.replace(eager_config, compile=True), **kw)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert torch.equal(compiled.completion_ids, eager.completion_ids)
+        assert torch.equal(compiled.completion_mask, eager.completion_mask)
+        torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+        assert eager.completion_lengths[0] <= 3 and not eager.completion_mask.all()
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[1]  # compiled once, for the first batch only
+    if temperature == 0.0:  # and still the HF greedy contract
+        expected = model.generate(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=PAD,
+            eos_token_id=kw["eos_token_id"],
+        )[:, ids.shape[1] :]
+        assert torch.equal(compiled.completion_ids[::2], expected)
+
+
+def test_compile_decodes_eagerly_with_a_warning_where_it_cannot_compile():
+    model = tiny_model()
+    ids, mask = ragged_prompts()
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    eager = generate(model, ids, mask, SamplingConfig(max_new_tokens=6), **kw)
+    wrapped = ForceTokens(model)  # not a transformers model: no static-cache support to rely on
+    with pytest.warns(UserWarning, match="ForceTokens does not support a static KV cache.*decoding eagerly"):
+        kw["generator"] = torch.Generator().manual_seed(0)
+        fallback = generate(wrapped, ids, mask, SamplingConfig(max_new_tokens=6, compile=True), **kw)
+    assert torch.equal(fallback.completion_ids, eager.completion_ids)
+
+
+def test_compile_needs_transformers_5(monkeypatch):
+    monkeypatch.setattr("opd_lightning.rollout.version", lambda package: "4.57.1")
+    with pytest.raises(ValueError, match="compile: true needs transformers >= 5.*found 4.57.1.*set compile: false"):
+        SamplingConfig(compile=True)
+    SamplingConfig(compile=False)  # the eager loop works with any supported version
 
 
 def test_eos_rows_are_masked_after_eos_and_padded():
