@@ -185,7 +185,8 @@ def lightning_trainer(steps: int, callbacks):
 class OursOPD:
     """Our MultiExpertOPD step, with its phases timed and each step's real token counts kept (for FLOPs)."""
 
-    def __init__(self, student: Path, teachers: list[Path], new_tokens: int = 32, batch: int = 8, loss=None):
+    def __init__(self, student: Path, teachers: list[Path], new_tokens: int = 32, batch: int = 8, loss=None,
+                 compile: bool = False):  # fmt: skip
         import torch
         from lightning.pytorch.utilities import disable_possible_user_warnings
 
@@ -197,7 +198,7 @@ class OursOPD:
         routes = {domains[i]: str(path) for i, path in enumerate(teachers[:-1])} | {"default": str(teachers[-1])}
         self.module = MultiExpertOPD(
             model=str(student), teachers=routes, distill=DistillConfig(**(loss or dict(loss="reverse_kl"))),
-            sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0),
+            sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, compile=compile),
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5),
         )  # fmt: skip
         self.data = datamodule(self.module.tokenizer, batch, domains=max(2, len(teachers)))
@@ -445,17 +446,23 @@ def alternate(systems: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     return kept
 
 
+COMPILED = "ours OPD, sampling.compile"
+
+
 def part_steps(args, student: Path, teachers: list[Path]) -> dict:
     opd = OursOPD(student, teachers[:1])
     grpo = OursGRPO(student)
     systems = {"ours OPD": opd, "ours GRPO": grpo}
+    if args.compile:  # the opt-in compiled decode step; its one-off compile falls in the first round's warm-up
+        systems[COMPILED] = OursOPD(student, teachers[:1], compile=True)
     if not args.skip_trl:
         systems["TRL DistillationTrainer"] = trl_distillation(student, teachers[0], opd.data, args.workdir)
         systems["TRL GRPOTrainer"] = trl_grpo(student, grpo.data, args.workdir)
         systems["TRL GKDTrainer"] = trl_gkd(student, teachers[0], opd.data, args.workdir)
     times = alternate(systems, args.rounds, args.steps)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    tokens = {"ours OPD": statistics.mean(sum(c) for _, c in opd.shapes)}
+    tokens = {name: statistics.mean(sum(c) for _, c in systems[name].shapes) for name in ("ours OPD", COMPILED)
+              if name in systems}  # fmt: skip
     for name, system in systems.items():
         if isinstance(system, TRLTrainer) and system.tokens:
             tokens[name] = statistics.mean(system.tokens)
@@ -683,7 +690,8 @@ def report(results: dict, out: Path) -> str:
         r = results["steps"]
         med, tok = r["medians"], r["tokens"]
         lines += ["| step | s/step (median) | completion tokens/s | ours vs this |", "|---|---|---|---|"]
-        for ours, *theirs in (("ours OPD", "TRL DistillationTrainer", "TRL GKDTrainer"), ("ours GRPO", "TRL GRPOTrainer")):
+        for ours, *theirs in (("ours OPD", COMPILED, "TRL DistillationTrainer", "TRL GKDTrainer"),
+                              ("ours GRPO", "TRL GRPOTrainer")):  # fmt: skip
             for name in (ours, *theirs):
                 if name in med:
                     rate = f"{tok[name] / med[name]:.0f}" if name in tok else "-"
@@ -794,6 +802,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["steps", "scaling", "memory"], default=None)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 1 round of 2 steps, the 1k vocabulary")
     parser.add_argument("--skip-trl", action="store_true", help="ours only (TRL is the optional `bench` extra)")
+    parser.add_argument("--compile", action="store_true",
+                        help="steps: also our OPD step with sampling.compile (one-off compile: minutes here)")
     parser.add_argument("--before", help="another checkout's root: its package's memory, as the 'before' column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (the first is a warm-up)")
