@@ -19,6 +19,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
   fi
 fi
-echo "[setup] installing opd_lightning with its dev extras"
-"${PIP[@]}" -e ".[dev]"
+EXTRAS=${EXTRAS:-dev}  # tools/test.sh adds `bench`: the suite also checks the TRL side of tools/bench.py
+echo "[setup] installing opd_lightning with its extras: $EXTRAS"
+"${PIP[@]}" -e ".[$EXTRAS]"
 .venv/bin/python -c "import opd_lightning, torch, lightning, transformers; print(f'[setup] ok: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"

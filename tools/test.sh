@@ -3,5 +3,6 @@
 # Extra arguments go to pytest (e.g. `tools/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
+# TRL (the `bench` extra) too: tests/test_bench.py runs TRL's memory cells, so none of them is skipped
+EXTRAS=dev,bench bash tools/setup.sh
 exec .venv/bin/python -m pytest -q "$@"
