@@ -82,5 +82,7 @@ def test_quick_bench_writes_its_tables_and_plots(tmp_path):
         assert row in text, row
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["steps"]["flops"]["teacher scoring"] > 0 and 0 < results["steps"]["limit_seconds"]
+    grpo = results["steps"]["work"]["ours GRPO"]  # GRPO's share of the limit too: sampling and the policy only
+    assert set(grpo["flops"]) == {"sampling", "student forward + backward"} and grpo["limit_seconds"] > 0
     assert (tmp_path / "out" / "steps.png").stat().st_size > 0
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 0

@@ -631,3 +631,49 @@ def test_a_model_whose_logits_are_not_its_heads_output_stays_dense():
     torch.testing.assert_close(out, completion_logits(gemma, prompts, mask, 2))
     qwen = tiny_model().train()
     assert output_head(qwen) is qwen.get_output_embeddings() and qwen.training
+
+
+@pytest.mark.slow
+def test_compiled_forwards_give_the_eager_logits_and_gradients_and_one_graph_serves_every_shape():
+    """compile_forwards: the policy's teacher-forced logits (with grad) and a frozen model's hidden states (without)
+    equal the eager ones, and a second batch of other sizes and lengths compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from opd_lightning.rollout import compile_forwards, completion_logits, lazy_completion_logits
+
+    eager, compiled = tiny_model(), tiny_model()
+    assert compile_forwards(compiled) is None
+    graphs = [counters["stats"]["unique_graphs"]]
+    for lengths, seed in (((40, 3, 38, 2, 39, 4), 1), ((9, 30, 4, 28, 7), 2)):
+        prompts, prompt_mask = ragged_prompts(lengths)
+        with torch.no_grad():
+            rollout = generate(eager, prompts, prompt_mask, SamplingConfig(max_new_tokens=6 + seed),
+                               eos_token_id=[EOS, 2, 3, 4], pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        c, m = rollout.completion_ids.shape[1], rollout.completion_mask
+        assert not m.all(), "rows end early: the batch is cut into length groups"
+        out = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            model.zero_grad(set_to_none=True)
+            logits = completion_logits(model, rollout.input_ids, rollout.attention_mask, c)
+            logits[m].logsumexp(-1).sum().backward()
+            with torch.no_grad():
+                hidden = lazy_completion_logits(model, rollout.input_ids, rollout.attention_mask, c).hidden
+            out[name] = (logits.detach()[m], hidden[m], [p.grad for p in model.parameters()])
+        graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(out["compiled"][0], out["eager"][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["compiled"][1], out["eager"][1], atol=1e-5, rtol=0)
+        for got, want in zip(out["compiled"][2], out["eager"][2], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert graphs[1] > graphs[0], "the forwards compiled"
+    assert graphs[2] == graphs[1], "a batch of other sizes and lengths reused the graphs"
+
+
+def test_compile_forwards_refuses_a_sharded_model_and_leaves_it_eager(monkeypatch):
+    import opd_lightning.rollout as rollout_mod
+
+    model = tiny_model()
+    monkeypatch.setattr(rollout_mod, "is_sharded", lambda m: m is model)
+    assert "FSDP2-sharded" in rollout_mod.compile_forwards(model)
+    assert model not in rollout_mod._COMPILED_FORWARDS
+    other = tiny_model()
+    assert rollout_mod.compile_forwards(other) is None and other in rollout_mod._COMPILED_FORWARDS

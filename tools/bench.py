@@ -199,7 +199,7 @@ class OursOPD:
         self.module = MultiExpertOPD(
             model=str(student), teachers=routes, distill=DistillConfig(**(loss or dict(loss="reverse_kl"))),
             sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, compile=compile),
-            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5), **compiled_forwards(compile),
         )  # fmt: skip
         self.data = datamodule(self.module.tokenizer, batch, domains=max(2, len(teachers)))
         self.timer, self.phases, self.shapes = StepTimer(), Phases(), []
@@ -246,18 +246,25 @@ class OursOPD:
             phases.close()
 
 
+def compiled_forwards(compile: bool) -> dict:
+    """``compile_forwards`` for the stage where ``compile`` is set (absent from checkouts before it)."""
+    return {"compile_forwards": True} if compile else {}
+
+
 class OursGRPO:
-    def __init__(self, student: Path, completions: int = 4, prompts: int = 2, new_tokens: int = 32):
+    def __init__(self, student: Path, completions: int = 4, prompts: int = 2, new_tokens: int = 32,
+                 compile: bool = False):  # fmt: skip
         import torch
 
         from opd_lightning.rollout import SamplingConfig
         from opd_lightning.stages.grpo import GRPO, GRPOConfig
 
-        self.module = GRPO(model=str(student), sampling=SamplingConfig(max_new_tokens=new_tokens, num_samples=completions),
+        self.module = GRPO(model=str(student),
+                           sampling=SamplingConfig(max_new_tokens=new_tokens, num_samples=completions, compile=compile),
                            grpo=GRPOConfig(loss_type="dapo", max_grad_norm=None),
-                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))  # fmt: skip
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5), **compiled_forwards(compile))  # fmt: skip
         self.data = datamodule(self.module.tokenizer, prompts)
-        self.timer, self.tokens = StepTimer(), []
+        self.timer, self.tokens, self.shapes = StepTimer(), [], []
 
     def run(self, steps: int) -> None:
         sample = self.module.sample
@@ -265,6 +272,7 @@ class OursGRPO:
         def counted(*args, **kwargs):
             rollout = sample(*args, **kwargs)
             self.tokens.append(int(rollout.completion_mask.sum()))
+            self.shapes.append((rollout.prompt_mask.sum(-1).tolist(), rollout.completion_mask.sum(-1).tolist()))
             return rollout
 
         self.module.sample = counted
@@ -417,6 +425,13 @@ def opd_step_flops(student: dict, teacher: dict, prompts: list[int], completions
     return out
 
 
+def grpo_step_flops(student: dict, prompts: list[int], completions: list[int]) -> dict[str, float]:
+    """Useful FLOPs of one GRPO step (no reference model), on real tokens only: sampling and the policy's forward
+    and backward, as in :func:`opd_step_flops`."""
+    out = opd_step_flops(student, student, prompts, completions)
+    return {"sampling": out["sampling"], "student forward + backward": out["student forward + backward"]}
+
+
 def mm_rate(m: int, k: int, n: int, seconds: float = 0.3) -> float:
     """torch.mm FLOP/s at [m, k] x [k, n], fp32, this process's thread setting (median of repeats)."""
     import torch
@@ -446,45 +461,51 @@ def alternate(systems: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     return kept
 
 
-COMPILED = "ours OPD, sampling.compile"
+COMPILED = "ours OPD, compiled"
+GRPO_COMPILED = "ours GRPO, compiled"
 
 
 def part_steps(args, student: Path, teachers: list[Path]) -> dict:
     opd = OursOPD(student, teachers[:1])
     grpo = OursGRPO(student)
     systems = {"ours OPD": opd, "ours GRPO": grpo}
-    if args.compile:  # the opt-in compiled decode step; its one-off compile falls in the first round's warm-up
+    if args.compile:  # sampling.compile + compile_forwards; the one-off compiles fall in the first round's warm-up
         systems[COMPILED] = OursOPD(student, teachers[:1], compile=True)
+        systems[GRPO_COMPILED] = OursGRPO(student, compile=True)
     if not args.skip_trl:
         systems["TRL DistillationTrainer"] = trl_distillation(student, teachers[0], opd.data, args.workdir)
         systems["TRL GRPOTrainer"] = trl_grpo(student, grpo.data, args.workdir)
         systems["TRL GKDTrainer"] = trl_gkd(student, teachers[0], opd.data, args.workdir)
     times = alternate(systems, args.rounds, args.steps)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    tokens = {name: statistics.mean(sum(c) for _, c in systems[name].shapes) for name in ("ours OPD", COMPILED)
-              if name in systems}  # fmt: skip
+    ours = {name: system for name, system in systems.items() if name.startswith("ours")}
+    tokens = {name: statistics.mean(sum(c) for _, c in system.shapes) for name, system in ours.items()}
     for name, system in systems.items():
         if isinstance(system, TRLTrainer) and system.tokens:
             tokens[name] = statistics.mean(system.tokens)
-    tokens["ours GRPO"] = statistics.mean(grpo.tokens)
 
-    # our OPD step's phases (per measured step) and its useful FLOPs against torch.mm at the step's shapes
+    # our OPD step's phases (per measured step)
     n_steps = len(opd.timer.times)
     phases = {k: v / n_steps for k, v in opd.phases.seconds.items()}
     phases["other (Lightning, data)"] = statistics.mean(opd.timer.times) - sum(phases.values())
+    # each of our steps' useful FLOPs against torch.mm's rate at the step's own shapes: the time its work would take
     s_dims, t_dims = model_dims(student), model_dims(teachers[0])
-    flops = [opd_step_flops(s_dims, t_dims, p, c) for p, c in opd.shapes]
-    flops = {k: statistics.mean(f[k] for f in flops) for k in flops[0]}
-    real = statistics.mean(sum(p) + sum(c) for p, c in opd.shapes)
-    rows = int(real)  # a forward's rows: every real token of the batch
-    rates = {
-        "sampling": mm_rate(8, s_dims["hidden"], s_dims["inter"]),
-        "teacher scoring": mm_rate(rows, t_dims["hidden"], t_dims["inter"]),
-        "student forward + backward": mm_rate(rows, s_dims["hidden"], s_dims["inter"]),
-    }
-    limit = sum(flops[k] / rates[k] for k in flops)
-    return dict(medians=medians, times=times, tokens=tokens, phases=phases, flops=flops, rates=rates,
-                limit_seconds=limit)  # fmt: skip
+    work = {}
+    for name, system in ours.items():
+        opd_like = isinstance(system, OursOPD)
+        per_step = [opd_step_flops(s_dims, t_dims, p, c) if opd_like else grpo_step_flops(s_dims, p, c)
+                    for p, c in system.shapes]  # fmt: skip
+        flops = {k: statistics.mean(f[k] for f in per_step) for k in per_step[0]}
+        rows = int(statistics.mean(sum(p) + sum(c) for p, c in system.shapes))  # a forward's rows: real tokens
+        decode_rows = len(system.shapes[0][1])
+        rates = {"sampling": mm_rate(decode_rows, s_dims["hidden"], s_dims["inter"]),
+                 "teacher scoring": mm_rate(rows, t_dims["hidden"], t_dims["inter"]),
+                 "student forward + backward": mm_rate(rows, s_dims["hidden"], s_dims["inter"])}  # fmt: skip
+        work[name] = dict(flops=flops, rates={k: rates[k] for k in flops},
+                          limit_seconds=sum(flops[k] / rates[k] for k in flops))  # fmt: skip
+    return dict(medians=medians, times=times, tokens=tokens, phases=phases, work=work,
+                flops=work["ours OPD"]["flops"], rates=work["ours OPD"]["rates"],
+                limit_seconds=work["ours OPD"]["limit_seconds"])  # fmt: skip
 
 
 def part_scaling(args, student: Path, teachers: list[Path]) -> dict:
@@ -689,14 +710,17 @@ def report(results: dict, out: Path) -> str:
     if "steps" in results:
         r = results["steps"]
         med, tok = r["medians"], r["tokens"]
-        lines += ["| step | s/step (median) | completion tokens/s | ours vs this |", "|---|---|---|---|"]
-        for ours, *theirs in (("ours OPD", COMPILED, "TRL DistillationTrainer", "TRL GKDTrainer"),
-                              ("ours GRPO", "TRL GRPOTrainer")):  # fmt: skip
-            for name in (ours, *theirs):
-                if name in med:
-                    rate = f"{tok[name] / med[name]:.0f}" if name in tok else "-"
-                    ratio = f"{med[name] / med[ours]:.2f}x" if name != ours else ""
-                    lines.append(f"| {name} | {med[name]:.3f} | {rate} | {ratio} |")
+        work = r.get("work", {})
+        lines += ["| step | s/step (median) | completion tokens/s | TRL's s/step over this | share of the fp32 limit |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for family, reference in (("OPD", "TRL DistillationTrainer"), ("GRPO", "TRL GRPOTrainer")):
+            names = [n for n in med if n.startswith(f"ours {family}")]
+            names += [n for n in med if n.startswith("TRL") and (family == "GRPO") == n.endswith("GRPOTrainer")]
+            for name in names:
+                rate = f"{tok[name] / med[name]:.0f}" if name in tok else "-"
+                ratio = f"{med[reference] / med[name]:.2f}x" if reference in med and name.startswith("ours") else ""
+                share = f"{work[name]['limit_seconds'] / med[name]:.0%}" if name in work else ""
+                lines.append(f"| {name} | {med[name]:.3f} | {rate} | {ratio} | {share} |")
         step = med["ours OPD"]
         lines += ["", "Our OPD step by phase (mean per step):", "", "| phase | ms | share |", "|---|---|---|"]
         for name, seconds in sorted(r["phases"].items(), key=lambda kv: -kv[1]):
