@@ -500,3 +500,17 @@ def test_checkpoints_leave_out_teacher_weights_and_resume(tiny_dir, teachers, tm
     trainer = fit(resumed, data, 3, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 3
     assert len(resumed.teachers.models) == 2, "teachers come back from their folders, not the checkpoint"
+
+
+def test_compile_forwards_compiles_the_students_and_every_teachers_forwards(tiny_dir, teachers):
+    """The YAML switch reaches every model whose teacher-forced forward runs in a step (the rollout tests check that
+    a compiled forward equals the eager one); without it, all stay eager."""
+    from opd_lightning.rollout import _COMPILED_FORWARDS
+
+    routes = {"math": teachers[0], "string": teachers[1]}
+    for on in (False, True):
+        module = MultiExpertOPD(model=str(tiny_dir), teachers={d: str(p) for d, p in routes.items()},
+                                compile_forwards=on)  # fmt: skip
+        module.configure_model()
+        models = [module.policy, *module.teachers.models.values()]
+        assert len(models) == 3 and all((m in _COMPILED_FORWARDS) == on for m in models)
