@@ -12,8 +12,9 @@ alternating rounds in one process, each round's first step a warm-up, so a machi
 them alike: read the ratios, not the seconds. Parts (``--only``):
 
 * ``steps``: median s/step and completion tokens/s, ours vs TRL (OPD against DistillationTrainer and against
-  GKDTrainer fully on-policy, lmbda=1, beta=1); our OPD step's phases (sampling, student
-  forward, teacher scoring, loss, backward, optimiser, logging); its useful FLOPs against torch.mm's rate at the
+  GKDTrainer fully on-policy, lmbda=1, beta=1), and with ``--compile`` our steps compiled too; our OPD step's phases
+  (sampling, student forward, teacher scoring, loss, backward, optimiser, logging); each of our steps' useful FLOPs
+  (GRPO: sampling and the policy's forward and backward) against torch.mm's rate at the
   step's own shapes, measured in the same run.
 * ``scaling``: our OPD step time against the completion length (32/64/128) and the number of teachers (1-4).
 * ``memory``: peak memory of one OPD step (sampling, student forward, teacher scoring, loss, backward) at
@@ -827,7 +828,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke test: 1 round of 2 steps, the 1k vocabulary")
     parser.add_argument("--skip-trl", action="store_true", help="ours only (TRL is the optional `bench` extra)")
     parser.add_argument("--compile", action="store_true",
-                        help="steps: also our OPD step with sampling.compile (one-off compile: minutes here)")
+                        help="steps: also our OPD and GRPO steps with sampling.compile and compile_forwards "
+                             "(one-off compiles: ~2 min here)")
     parser.add_argument("--before", help="another checkout's root: its package's memory, as the 'before' column")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (the first is a warm-up)")
