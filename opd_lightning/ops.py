@@ -273,10 +273,67 @@ def logits_at(logits: Logits, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _chunk_values(
-    fn: Callable[..., Tensor], head: nn.Module, hidden: Tensor, rows: Tensor, cols: Tensor,
-    others: tuple[Logits, ...], *values: Tensor,
+    fn: Callable[..., Tensor], head: nn.Module, others: tuple[Logits, ...],
+    hidden: Tensor, rows: Tensor, cols: Tensor, *values: Tensor,
 ) -> Tensor:  # fmt: skip
     return fn(head(hidden), *(logits_at(other, rows, cols) for other in others), *values)
+
+
+def _chunks(size: int, *tensors: Tensor) -> zip:
+    """``tensors`` (``[P, ...]`` each) ``size`` positions at a time: a tuple of chunks per step."""
+    return zip(*(tensor.split(size) for tensor in tensors), strict=True)
+
+
+def _requires_grad(logits: Logits) -> bool:
+    if isinstance(logits, HiddenLogits):
+        return logits.hidden.requires_grad or any(p.requires_grad for p in logits.head.parameters())
+    if isinstance(logits, RoutedLogits):
+        return any(_requires_grad(part) for _, part in logits.parts)
+    return logits.requires_grad
+
+
+class _LinearHeadChunks(torch.autograd.Function):
+    """:func:`map_positions`'s chunks through a plain ``nn.Linear`` head ``z = h W^T + b``, its weight gradient
+    summed in place into one ``[V, H]`` buffer.
+
+    Forward: each chunk's ``fn`` under ``no_grad``, keeping only its per-position results. Backward, per chunk:
+    the logits ``z`` again, as a leaf; ``dz`` by autograd through ``fn`` alone; then ``dL/dh = dz W``,
+    ``dL/dW += dz^T h`` (``addmm_``), ``dL/db += sum dz``. Checkpointing each chunk instead gives each chunk's
+    head product its own ``[V, H]`` weight gradient, which autograd adds to the running sum: two ``[V, H]``
+    copies alive at once, three where a tied embedding's dense gradient joins them.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, head, others, size, rows, cols, hidden, weight, bias, *values):
+        ctx.fn, ctx.head, ctx.others, ctx.size = fn, head, others, size
+        ctx.save_for_backward(rows, cols, hidden, weight, bias, *values)
+        chunks = _chunks(size, hidden, rows, cols, *values)
+        return torch.cat([_chunk_values(fn, head, others, *chunk) for chunk in chunks])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, cols, hidden, weight, bias, *values = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[6:9]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None  # the one [V, H] buffer, made by the first chunk's product
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        start = 0
+        for h, r, c, g, *v in _chunks(ctx.size, hidden, rows, cols, grad_out, *values):
+            z = ctx.head(h).requires_grad_()  # [p, V]; once_differentiable runs this under no_grad
+            other_z = [logits_at(other, r, c) for other in ctx.others]
+            with torch.enable_grad():
+                (dz,) = torch.autograd.grad(ctx.fn(z, *other_z, *v), z, g)
+            if need_hidden:
+                torch.mm(dz, weight, out=grad_hidden[start : start + len(h)])
+            if need_weight:
+                grad_weight = dz.T @ h if grad_weight is None else grad_weight.addmm_(dz.T, h)
+            if need_bias:
+                grad_bias.add_(dz.sum(0))
+            start += len(h)
+            del z, dz  # [p, V] each: freed before the next chunk makes its own
+        constants = (None,) * 6  # fn, head, others, size, rows, cols
+        return *constants, grad_hidden, grad_weight, grad_bias, *(None,) * len(values)
 
 
 def map_positions(
@@ -293,29 +350,42 @@ def map_positions(
     states by its head, the logits of ``others`` at the same positions (any form, :func:`logits_at`) and the
     entries of ``per_position`` (``[N, C, ...]`` each) there. Chunks hold ``chunk_elements // V`` positions
     (:func:`position_chunks`); padding gets no logits. Only ``fn``'s per-position results are kept: with autograd
-    on and more than one chunk, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``), its
-    logits and ``fn``'s temporaries included, so memory is O(chunk x V) plus the hidden states, not O(N x C x V),
-    at the cost of a second LM-head product per chunk (and per model in ``others`` made from hidden states).
+    on and more than one chunk, each chunk is recomputed in the backward pass, its logits and ``fn``'s temporaries
+    included, so memory is O(chunk x V) plus the hidden states, not O(N x C x V), at the cost of a second LM-head
+    product per chunk (and per model in ``others`` made from hidden states).
     Differentiable with respect to ``logits``'s hidden states and head (and ``others``', where they need grad).
+
+    How a chunk is recomputed: with a plain ``nn.Linear`` head (HF LM heads are) and nothing in ``others`` or
+    ``per_position`` needing grad, by :class:`_LinearHeadChunks`, which sums the chunks' ``[V, H]`` head-weight
+    gradients in place into one buffer; otherwise (or under autocast) by ``torch.utils.checkpoint`` per chunk,
+    where autograd holds each chunk's ``[V, H]`` weight gradient beside the running sum (others' own leaves are
+    not inputs that :class:`_LinearHeadChunks` could return gradients to).
     """
     mask = mask.bool()
     rows, cols = mask.nonzero(as_tuple=True)
     size = _positions_per_chunk(logits.shape[-1], chunk_elements)
-    # One gather of the real positions' hidden states, split into views: the backward pass then scatters their
-    # gradient into [N, C, H] once, where indexing each chunk would zero-fill an [N, C, H] gradient per chunk.
-    hidden = logits.hidden[rows, cols].split(size)
-    values = [value[rows, cols].split(size) for value in per_position]
-    recompute = len(hidden) > 1 and torch.is_grad_enabled()
-    pieces = []
-    for chunk_hidden, chunk_rows, chunk_cols, *chunk_values in zip(
-        hidden, rows.split(size), cols.split(size), *values, strict=True
+    # One gather of the real positions' hidden states: the backward pass then scatters their gradient into
+    # [N, C, H] once, where indexing each chunk would zero-fill an [N, C, H] gradient per chunk.
+    hidden = logits.hidden[rows, cols]
+    values = [value[rows, cols] for value in per_position]
+    head, chunks = logits.head, _chunks(size, hidden, rows, cols, *values)
+    if len(hidden) <= size:  # one chunk: autograd keeps its logits anyway, nothing to recompute
+        out = _chunk_values(fn, head, others, hidden, rows, cols, *values)
+    elif not torch.is_grad_enabled():
+        out = torch.cat([_chunk_values(fn, head, others, *chunk) for chunk in chunks])
+    elif (
+        type(head) is nn.Linear  # a subclass may compute something else (quantised heads)
+        and not any(map(_requires_grad, (*others, *values)))
+        # checkpoint replays autocast in the recomputation; _LinearHeadChunks's backward would not
+        and not torch.is_autocast_enabled(hidden.device.type)
     ):
-        args = (fn, logits.head, chunk_hidden, chunk_rows, chunk_cols, others, *chunk_values)
-        if recompute:
-            pieces.append(checkpoint(_chunk_values, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            pieces.append(_chunk_values(*args))
-    out = torch.cat(pieces)
+        weights = head.weight, head.bias
+        out = _LinearHeadChunks.apply(fn, head, others, size, rows, cols, hidden, *weights, *values)
+    else:
+        out = torch.cat([
+            checkpoint(_chunk_values, fn, head, others, *chunk, use_reentrant=False, preserve_rng_state=False)
+            for chunk in chunks
+        ])  # fmt: skip
     return out.new_zeros((*mask.shape, *out.shape[1:])).index_put((rows, cols), out)
 
 
