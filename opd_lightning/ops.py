@@ -16,6 +16,17 @@ backward pass (activation checkpointing), so memory is O(chunk x V) plus O(N x C
 :func:`gather_logprobs` reads log-probs at a few ids that way, the full-vocabulary losses compare the student's
 and the teacher's whole distributions that way (:mod:`opd_lightning.losses`).
 
+**One LM-head weight gradient.** What is left that grows with V is the head's ``[V, H]`` weight gradient (the
+tied embedding's, for the students here). Checkpointed chunks each made their own, which autograd summed out of
+place, and a tied embedding's backward adds a dense ``[V, H]`` of its own: three copies at once. With a plain
+``nn.Linear`` head, :func:`map_positions`'s backward (:class:`_LinearHeadChunks`) adds every chunk's ``dz^T h``
+in place into one buffer, so two copies remain at the peak (that buffer and the embedding's gradient, which
+autograd then sums in place). Measured (``tools/bench.py --only memory``, one OPD step of the 1M student, tied,
+H = 128, 8 x 32 completion tokens; MiB over the resident size before the step): at V = 1k / 32k / 152k,
+``sampled_reverse_kl`` and ``top_k=8`` 35 / 140 / 251 before, 34 / 108 / 165 after (without the diagnostics step's
+scoring; 35 / 140 / 165 with it). Of the 165, 2 x 74 MiB are those two ``[V, H]`` copies; the rest is flat in V
+above 32k (chunks of :data:`LOGIT_CHUNK_ELEMENTS`); from 1k to 32k a chunk grows to that bound.
+
 Masked means stay in :mod:`opd_lightning.losses`: a masked mean is where a loss's normalisation lives
 (the ``normalizer`` that keeps a token mean the same under data parallelism), which is a property of
 the loss, not of a log-prob.
@@ -69,8 +80,10 @@ def log_softmax(logits: Tensor) -> Tensor:
 def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token, from log-probs ``[..., V]``."""
     # Written as p * (log p - log q) rather than sum(p log p) - sum(p log q): the difference is
-    # exactly 0 for identical inputs and suffers no cancellation when the two are close.
-    return (logp.exp() * (logp - logq)).sum(-1)
+    # exactly 0 for identical inputs and suffers no cancellation when the two are close. A dot product
+    # (einsum: one bmm) rather than (p * d).sum(-1): no [..., V] product is made, which is the peak of a
+    # chunk's recomputation in map_positions (16 MiB a chunk).
+    return torch.einsum("...v,...v->...", logp.exp(), logp - logq)
 
 
 def _gather_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
@@ -292,20 +305,39 @@ def _requires_grad(logits: Logits) -> bool:
     return logits.requires_grad
 
 
+def _linear_chunk_grads(
+    fn: Callable[..., Tensor], weight: Tensor, bias: Tensor | None, others: tuple[Logits, ...],
+    hidden: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, *values: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One chunk's ``dz [p, V]`` (``z = hidden W^T + b``) and ``dL/dhidden [p, H]``, for ``grad [p, ...]`` on ``fn``'s
+    output. ``z`` and the others' logits are referenced by nothing but ``fn``'s graph, so those ``fn`` does not keep
+    for its backward are freed before it runs, as a checkpointed chunk's are."""
+    hidden = hidden.detach().requires_grad_()
+    dz = []
+    with torch.enable_grad():
+        z = F.linear(hidden, weight, bias)  # weight and bias need no grad here: dW is summed by the caller
+        z.register_hook(dz.append)
+        out = fn(z, *(logits_at(other, rows, cols) for other in others), *values)
+        del z
+    (grad_hidden,) = torch.autograd.grad(out, hidden, grad)
+    return dz[0], grad_hidden
+
+
 class _LinearHeadChunks(torch.autograd.Function):
     """:func:`map_positions`'s chunks through a plain ``nn.Linear`` head ``z = h W^T + b``, its weight gradient
     summed in place into one ``[V, H]`` buffer.
 
     Forward: each chunk's ``fn`` under ``no_grad``, keeping only its per-position results. Backward, per chunk:
-    the logits ``z`` again, as a leaf; ``dz`` by autograd through ``fn`` alone; then ``dL/dh = dz W``,
-    ``dL/dW += dz^T h`` (``addmm_``), ``dL/db += sum dz``. Checkpointing each chunk instead gives each chunk's
-    head product its own ``[V, H]`` weight gradient, which autograd adds to the running sum: two ``[V, H]``
-    copies alive at once, three where a tied embedding's dense gradient joins them.
+    the logits ``z`` again, with ``W`` and ``b`` detached; ``dz`` and ``dL/dh = dz W`` by autograd through ``fn``
+    (:func:`_linear_chunk_grads`); then ``dL/dW += dz^T h`` (``addmm_``) and ``dL/db += sum dz``, in place.
+    Checkpointing each chunk instead gives each chunk's head product its own ``[V, H]`` weight gradient, which
+    autograd adds to the running sum out of place: three ``[V, H]`` copies at once where a tied embedding's dense
+    gradient joins them (251 MiB at the bench's 152k step, 165 MiB this way: see the module docstring).
     """
 
     @staticmethod
     def forward(ctx, fn, head, others, size, rows, cols, hidden, weight, bias, *values):
-        ctx.fn, ctx.head, ctx.others, ctx.size = fn, head, others, size
+        ctx.fn, ctx.others, ctx.size = fn, others, size
         ctx.save_for_backward(rows, cols, hidden, weight, bias, *values)
         chunks = _chunks(size, hidden, rows, cols, *values)
         return torch.cat([_chunk_values(fn, head, others, *chunk) for chunk in chunks])
@@ -320,18 +352,15 @@ class _LinearHeadChunks(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if need_bias else None
         start = 0
         for h, r, c, g, *v in _chunks(ctx.size, hidden, rows, cols, grad_out, *values):
-            z = ctx.head(h).requires_grad_()  # [p, V]; once_differentiable runs this under no_grad
-            other_z = [logits_at(other, r, c) for other in ctx.others]
-            with torch.enable_grad():
-                (dz,) = torch.autograd.grad(ctx.fn(z, *other_z, *v), z, g)
+            dz, grad_h = _linear_chunk_grads(ctx.fn, weight, bias, ctx.others, h, r, c, g, *v)
             if need_hidden:
-                torch.mm(dz, weight, out=grad_hidden[start : start + len(h)])
+                grad_hidden[start : start + len(h)] = grad_h
             if need_weight:
                 grad_weight = dz.T @ h if grad_weight is None else grad_weight.addmm_(dz.T, h)
             if need_bias:
                 grad_bias.add_(dz.sum(0))
             start += len(h)
-            del z, dz  # [p, V] each: freed before the next chunk makes its own
+            del dz, grad_h  # freed before the next chunk makes its own
         constants = (None,) * 6  # fn, head, others, size, rows, cols
         return *constants, grad_hidden, grad_weight, grad_bias, *(None,) * len(values)
 
