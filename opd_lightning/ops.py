@@ -23,9 +23,10 @@ place, and a tied embedding's backward adds a dense ``[V, H]`` of its own: three
 in place into one buffer, so two copies remain at the peak (that buffer and the embedding's gradient, which
 autograd then sums in place). Measured (``tools/bench.py --only memory``, one OPD step of the 1M student, tied,
 H = 128, 8 x 32 completion tokens; MiB over the resident size before the step): at V = 1k / 32k / 152k,
-``sampled_reverse_kl`` and ``top_k=8`` 35 / 140 / 251 before, 34 / 108 / 165 after (without the diagnostics step's
-scoring; 35 / 140 / 165 with it). Of the 165, 2 x 74 MiB are those two ``[V, H]`` copies; the rest is flat in V
-above 32k (chunks of :data:`LOGIT_CHUNK_ELEMENTS`); from 1k to 32k a chunk grows to that bound.
+``sampled_reverse_kl`` and ``top_k=8`` 35 / 140 / 251 before, 34 / 108 / 165 after (34 / 123 / 165 on a
+diagnostics step), full-vocabulary ``reverse_kl`` 35 / 140 / 251 before, 34 / 140 / 196 after. Of the 165, 2 x 74
+MiB are those two ``[V, H]`` copies; the rest is flat in V above 32k (chunks of :data:`LOGIT_CHUNK_ELEMENTS`);
+from 1k to 32k a chunk grows to that bound.
 
 Masked means stay in :mod:`opd_lightning.losses`: a masked mean is where a loss's normalisation lives
 (the ``normalizer`` that keeps a token mean the same under data parallelism), which is a property of
@@ -67,6 +68,12 @@ __all__ = [
 _UPCAST_CHUNK_ELEMENTS = 2**26
 
 
+# Below this many elements kl_divergence multiplies and sums: bmm's many short dot products cost twice as much
+# there (224 x 1k: 2.2 ms against 1.1 ms forward + backward, 1 thread), and the product is small; at a chunk of a
+# real vocabulary (128 x 32k) the dot product is the faster (31 ms against 44-57) and saves a 16 MiB product.
+_DOT_MIN_ELEMENTS = 2**20
+
+
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -80,10 +87,12 @@ def log_softmax(logits: Tensor) -> Tensor:
 def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token, from log-probs ``[..., V]``."""
     # Written as p * (log p - log q) rather than sum(p log p) - sum(p log q): the difference is
-    # exactly 0 for identical inputs and suffers no cancellation when the two are close. A dot product
-    # (einsum: one bmm) rather than (p * d).sum(-1): no [..., V] product is made, which is the peak of a
-    # chunk's recomputation in map_positions (16 MiB a chunk).
-    return torch.einsum("...v,...v->...", logp.exp(), logp - logq)
+    # exactly 0 for identical inputs and suffers no cancellation when the two are close.
+    p, d = logp.exp(), logp - logq
+    if p.numel() < _DOT_MIN_ELEMENTS:
+        return (p * d).sum(-1)
+    # a dot product (einsum: one bmm) makes no [..., V] product: the peak of a full-vocabulary loss's chunk
+    return torch.einsum("...v,...v->...", p, d)
 
 
 def _gather_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:

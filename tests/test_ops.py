@@ -61,8 +61,10 @@ def test_topk_support_needs_the_logits_of_its_source():
         topk_support(student_logits=logits(0), k=2)
 
 
-def test_kl_divergence_is_exactly_zero_for_identical_inputs_and_matches_the_definition():
-    p, q = ops.log_softmax(logits(0)), ops.log_softmax(logits(1))
+@pytest.mark.parametrize("rows", [B, 2**20 // V + 1], ids=["product", "dot-product"])
+def test_kl_divergence_is_exactly_zero_for_identical_inputs_and_matches_the_definition(rows):
+    g = torch.Generator().manual_seed(0)
+    p, q = (ops.log_softmax(torch.randn(rows, T, V, generator=g, dtype=torch.float64) * 2) for _ in range(2))
     assert (kl_divergence(p, p) == 0).all()
     torch.testing.assert_close(kl_divergence(p, q), (p.exp() * p).sum(-1) - (p.exp() * q).sum(-1))
 
