@@ -16,6 +16,18 @@ backward pass (activation checkpointing), so memory is O(chunk x V) plus O(N x C
 :func:`gather_logprobs` reads log-probs at a few ids that way, the full-vocabulary losses compare the student's
 and the teacher's whole distributions that way (:mod:`opd_lightning.losses`).
 
+**One LM-head weight gradient.** What is left that grows with V is the head's ``[V, H]`` weight gradient (the
+tied embedding's, for the students here). Checkpointed chunks each made their own, which autograd summed out of
+place, and a tied embedding's backward adds a dense ``[V, H]`` of its own: three copies at once. With a plain
+``nn.Linear`` head, :func:`map_positions`'s backward (:class:`_LinearHeadChunks`) adds every chunk's ``dz^T h``
+in place into one buffer, so two copies remain at the peak (that buffer and the embedding's gradient, which
+autograd then sums in place). Measured (``tools/bench.py --only memory``, one OPD step of the 1M student, tied,
+H = 128, 8 x 32 completion tokens; MiB over the resident size before the step): at V = 1k / 32k / 152k,
+``sampled_reverse_kl`` and ``top_k=8`` 35 / 140 / 251 before, 34 / 108 / 165 after (34 / 123 / 165 on a
+diagnostics step), full-vocabulary ``reverse_kl`` 35 / 140 / 251 before, 34 / 140 / 196 after. Of the 165, 2 x 74
+MiB are those two ``[V, H]`` copies; the rest is flat in V above 32k (chunks of :data:`LOGIT_CHUNK_ELEMENTS`);
+from 1k to 32k a chunk grows to that bound.
+
 Masked means stay in :mod:`opd_lightning.losses`: a masked mean is where a loss's normalisation lives
 (the ``normalizer`` that keeps a token mean the same under data parallelism), which is a property of
 the loss, not of a log-prob.
@@ -56,6 +68,12 @@ __all__ = [
 _UPCAST_CHUNK_ELEMENTS = 2**26
 
 
+# Below this many elements kl_divergence multiplies and sums: bmm's many short dot products cost twice as much
+# there (224 x 1k: 2.2 ms against 1.1 ms forward + backward, 1 thread), and the product is small; at a chunk of a
+# real vocabulary (128 x 32k) the dot product is the faster (31 ms against 44-57) and saves a 16 MiB product.
+_DOT_MIN_ELEMENTS = 2**20
+
+
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -70,7 +88,11 @@ def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token, from log-probs ``[..., V]``."""
     # Written as p * (log p - log q) rather than sum(p log p) - sum(p log q): the difference is
     # exactly 0 for identical inputs and suffers no cancellation when the two are close.
-    return (logp.exp() * (logp - logq)).sum(-1)
+    p, d = logp.exp(), logp - logq
+    if p.numel() < _DOT_MIN_ELEMENTS:
+        return (p * d).sum(-1)
+    # a dot product (einsum: one bmm) makes no [..., V] product: the peak of a full-vocabulary loss's chunk
+    return torch.einsum("...v,...v->...", p, d)
 
 
 def _gather_logprobs(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
@@ -273,10 +295,83 @@ def logits_at(logits: Logits, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _chunk_values(
-    fn: Callable[..., Tensor], head: nn.Module, hidden: Tensor, rows: Tensor, cols: Tensor,
-    others: tuple[Logits, ...], *values: Tensor,
+    fn: Callable[..., Tensor], head: nn.Module, others: tuple[Logits, ...],
+    hidden: Tensor, rows: Tensor, cols: Tensor, *values: Tensor,
 ) -> Tensor:  # fmt: skip
     return fn(head(hidden), *(logits_at(other, rows, cols) for other in others), *values)
+
+
+def _chunks(size: int, *tensors: Tensor) -> zip:
+    """``tensors`` (``[P, ...]`` each) ``size`` positions at a time: a tuple of chunks per step."""
+    return zip(*(tensor.split(size) for tensor in tensors), strict=True)
+
+
+def _requires_grad(logits: Logits) -> bool:
+    if isinstance(logits, HiddenLogits):
+        return logits.hidden.requires_grad or any(p.requires_grad for p in logits.head.parameters())
+    if isinstance(logits, RoutedLogits):
+        return any(_requires_grad(part) for _, part in logits.parts)
+    return logits.requires_grad
+
+
+def _linear_chunk_grads(
+    fn: Callable[..., Tensor], weight: Tensor, bias: Tensor | None, others: tuple[Logits, ...],
+    hidden: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, *values: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One chunk's ``dz [p, V]`` (``z = hidden W^T + b``) and ``dL/dhidden [p, H]``, for ``grad [p, ...]`` on ``fn``'s
+    output. ``z`` and the others' logits are referenced by nothing but ``fn``'s graph, so those ``fn`` does not keep
+    for its backward are freed before it runs, as a checkpointed chunk's are."""
+    hidden = hidden.detach().requires_grad_()
+    dz = []
+    with torch.enable_grad():
+        z = F.linear(hidden, weight, bias)  # weight and bias need no grad here: dW is summed by the caller
+        z.register_hook(dz.append)
+        out = fn(z, *(logits_at(other, rows, cols) for other in others), *values)
+        del z
+    (grad_hidden,) = torch.autograd.grad(out, hidden, grad)
+    return dz[0], grad_hidden
+
+
+class _LinearHeadChunks(torch.autograd.Function):
+    """:func:`map_positions`'s chunks through a plain ``nn.Linear`` head ``z = h W^T + b``, its weight gradient
+    summed in place into one ``[V, H]`` buffer.
+
+    Forward: each chunk's ``fn`` under ``no_grad``, keeping only its per-position results. Backward, per chunk:
+    the logits ``z`` again, with ``W`` and ``b`` detached; ``dz`` and ``dL/dh = dz W`` by autograd through ``fn``
+    (:func:`_linear_chunk_grads`); then ``dL/dW += dz^T h`` (``addmm_``) and ``dL/db += sum dz``, in place.
+    Checkpointing each chunk instead gives each chunk's head product its own ``[V, H]`` weight gradient, which
+    autograd adds to the running sum out of place: three ``[V, H]`` copies at once where a tied embedding's dense
+    gradient joins them (251 MiB at the bench's 152k step, 165 MiB this way: see the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, head, others, size, rows, cols, hidden, weight, bias, *values):
+        ctx.fn, ctx.others, ctx.size = fn, others, size
+        ctx.save_for_backward(rows, cols, hidden, weight, bias, *values)
+        chunks = _chunks(size, hidden, rows, cols, *values)
+        return torch.cat([_chunk_values(fn, head, others, *chunk) for chunk in chunks])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, cols, hidden, weight, bias, *values = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[6:9]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None  # the one [V, H] buffer, made by the first chunk's product
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        start = 0
+        for h, r, c, g, *v in _chunks(ctx.size, hidden, rows, cols, grad_out, *values):
+            dz, grad_h = _linear_chunk_grads(ctx.fn, weight, bias, ctx.others, h, r, c, g, *v)
+            if need_hidden:
+                grad_hidden[start : start + len(h)] = grad_h
+            if need_weight:
+                grad_weight = dz.T @ h if grad_weight is None else grad_weight.addmm_(dz.T, h)
+            if need_bias:
+                grad_bias.add_(dz.sum(0))
+            start += len(h)
+            del dz, grad_h  # freed before the next chunk makes its own
+        constants = (None,) * 6  # fn, head, others, size, rows, cols
+        return *constants, grad_hidden, grad_weight, grad_bias, *(None,) * len(values)
 
 
 def map_positions(
@@ -293,29 +388,42 @@ def map_positions(
     states by its head, the logits of ``others`` at the same positions (any form, :func:`logits_at`) and the
     entries of ``per_position`` (``[N, C, ...]`` each) there. Chunks hold ``chunk_elements // V`` positions
     (:func:`position_chunks`); padding gets no logits. Only ``fn``'s per-position results are kept: with autograd
-    on and more than one chunk, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``), its
-    logits and ``fn``'s temporaries included, so memory is O(chunk x V) plus the hidden states, not O(N x C x V),
-    at the cost of a second LM-head product per chunk (and per model in ``others`` made from hidden states).
+    on and more than one chunk, each chunk is recomputed in the backward pass, its logits and ``fn``'s temporaries
+    included, so memory is O(chunk x V) plus the hidden states, not O(N x C x V), at the cost of a second LM-head
+    product per chunk (and per model in ``others`` made from hidden states).
     Differentiable with respect to ``logits``'s hidden states and head (and ``others``', where they need grad).
+
+    How a chunk is recomputed: with a plain ``nn.Linear`` head (HF LM heads are) and nothing in ``others`` or
+    ``per_position`` needing grad, by :class:`_LinearHeadChunks`, which sums the chunks' ``[V, H]`` head-weight
+    gradients in place into one buffer; otherwise (or under autocast) by ``torch.utils.checkpoint`` per chunk,
+    where autograd holds each chunk's ``[V, H]`` weight gradient beside the running sum (others' own leaves are
+    not inputs that :class:`_LinearHeadChunks` could return gradients to).
     """
     mask = mask.bool()
     rows, cols = mask.nonzero(as_tuple=True)
     size = _positions_per_chunk(logits.shape[-1], chunk_elements)
-    # One gather of the real positions' hidden states, split into views: the backward pass then scatters their
-    # gradient into [N, C, H] once, where indexing each chunk would zero-fill an [N, C, H] gradient per chunk.
-    hidden = logits.hidden[rows, cols].split(size)
-    values = [value[rows, cols].split(size) for value in per_position]
-    recompute = len(hidden) > 1 and torch.is_grad_enabled()
-    pieces = []
-    for chunk_hidden, chunk_rows, chunk_cols, *chunk_values in zip(
-        hidden, rows.split(size), cols.split(size), *values, strict=True
+    # One gather of the real positions' hidden states: the backward pass then scatters their gradient into
+    # [N, C, H] once, where indexing each chunk would zero-fill an [N, C, H] gradient per chunk.
+    hidden = logits.hidden[rows, cols]
+    values = [value[rows, cols] for value in per_position]
+    head, chunks = logits.head, _chunks(size, hidden, rows, cols, *values)
+    if len(hidden) <= size:  # one chunk: autograd keeps its logits anyway, nothing to recompute
+        out = _chunk_values(fn, head, others, hidden, rows, cols, *values)
+    elif not torch.is_grad_enabled():
+        out = torch.cat([_chunk_values(fn, head, others, *chunk) for chunk in chunks])
+    elif (
+        type(head) is nn.Linear  # a subclass may compute something else (quantised heads)
+        and not any(map(_requires_grad, (*others, *values)))
+        # checkpoint replays autocast in the recomputation; _LinearHeadChunks's backward would not
+        and not torch.is_autocast_enabled(hidden.device.type)
     ):
-        args = (fn, logits.head, chunk_hidden, chunk_rows, chunk_cols, others, *chunk_values)
-        if recompute:
-            pieces.append(checkpoint(_chunk_values, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            pieces.append(_chunk_values(*args))
-    out = torch.cat(pieces)
+        weights = head.weight, head.bias
+        out = _LinearHeadChunks.apply(fn, head, others, size, rows, cols, hidden, *weights, *values)
+    else:
+        out = torch.cat([
+            checkpoint(_chunk_values, fn, head, others, *chunk, use_reentrant=False, preserve_rng_state=False)
+            for chunk in chunks
+        ])  # fmt: skip
     return out.new_zeros((*mask.shape, *out.shape[1:])).index_put((rows, cols), out)
 
 
