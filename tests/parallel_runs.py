@@ -88,12 +88,15 @@ def build(job: dict):
 
 
 class StepLosses(L.Callback):
-    """The logged `train/loss` of every optimiser step (the token mean over all its micro-batches and ranks)."""
+    """The logged `train/loss` of every optimiser step (the token mean over all its micro-batches and ranks), and
+    every logged `train/...` figure of each batch."""
 
     def __init__(self):
         self.losses: list[float] = []
+        self.train: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
         if pl_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
@@ -112,7 +115,7 @@ def run(job: dict, root: Path, devices: int = 1) -> dict:
     )  # fmt: skip
     if job["steps"]:
         trainer.fit(module, datamodule=data)
-    out = {"losses": record.losses}
+    out = {"losses": record.losses, "train": record.train}
     if job.get("validate"):
         trainer.limit_val_batches = 1.0
         out["val"] = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}

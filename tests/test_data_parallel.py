@@ -1,6 +1,6 @@
 """Correct under data parallelism and gradient accumulation: an optimiser step's global batch gives the same
 logged losses and the same weights whether it is one batch, two accumulated micro-batches, or two DDP processes
-(gloo, CPU); validation logs global figures, not one rank's shard.
+(gloo, CPU); validation and the train figures log global figures, not one rank's shard.
 
 Tolerance: float32 on CPU. Splitting a batch changes only the order of float32 sums and the padded widths,
 so the runs agree to float32 round-off: measured after 3 steps (SGD with momentum, see tests/parallel_runs.py),
@@ -94,13 +94,25 @@ def test_two_ddp_processes_train_and_validate_like_one_process_with_the_same_glo
     for key, value in single_sft["val"].items():
         assert ddp["sft"]["val"][key] == pytest.approx(value, abs=1e-6), key
 
-    assert_same_training(ddp["opd"], run(job("opd", tiny_dir, teachers, 8), tmp_path / "single-opd"))
-    # GRPO logs each rank's own minibatch figures; its gradients (DAPO's global token mean) must agree
+    single_opd = run(job("opd", tiny_dir, teachers, 8), tmp_path / "single-opd")
+    assert_same_training(ddp["opd"], single_opd)
+    # its gradients (DAPO's global token mean) must agree
     single_grpo = run(job("grpo", tiny_dir, teachers, 8), tmp_path / "single-grpo")
     print(f"GRPO weights max diff {(ddp['grpo']['params'] - single_grpo['params']).abs().max():.2g}")
     torch.testing.assert_close(ddp["grpo"]["params"], single_grpo["params"], **TOL)
     initial = torch.cat([p.detach().flatten() for p in load_causal_lm(tiny_dir).parameters()])
     assert (single_grpo["params"] - initial).abs().max() > 1e-3, "GRPO's steps moved the weights"
+    # the logged train figures are the whole global batch's, not rank 0's half: its row means equal the single run's
+    row_means = {
+        "opd": ("train/reward", "train/completion_length", "train/truncated_fraction"),
+        "grpo": ("train/reward_mean", "train/accuracy", "train/completion_length", "train/truncated_frac",
+                 "train/reward_std", "train/frac_reward_zero_std"),
+    }  # fmt: skip
+    for stage, single in (("opd", single_opd), ("grpo", single_grpo)):
+        assert len(ddp[stage]["train"]) == len(single["train"]) == 3
+        for step, (got, want) in enumerate(zip(ddp[stage]["train"], single["train"], strict=True)):
+            for key in row_means[stage]:
+                assert got[key] == pytest.approx(want[key], abs=1e-6), (stage, step, key)
 
     # ColdStart's overall diagnostics: with one domain, the overall figure is that domain's (global) figure
     val = ddp["cold_start"]["val"]

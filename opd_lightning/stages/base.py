@@ -136,7 +136,9 @@ class PolicyModule(L.LightningModule):
             for field, model in {"model.init_args.model": self.policy, **self.frozen_models()}.items():
                 refusal = compile_forwards(model)
                 if refusal is not None:
-                    warnings.warn(f"compile_forwards is set but {field} {refusal}: its forwards run eagerly")
+                    warnings.warn(
+                        f"compile_forwards is set but {field} {refusal}: its forwards run eagerly", stacklevel=2
+                    )
 
     def configure_frozen_models(self) -> None:
         """Load the stage's frozen models (teachers, reference) under `frozen_modules`; idempotent. Stages
@@ -296,6 +298,15 @@ class PolicyModule(L.LightningModule):
                 p.grad.mul_(scale)
         # the token mean over the whole step: every micro-batch and rank
         self.log("train/loss", loss_sum / tokens, prog_bar=True)
+
+    def log_across_ranks(self, metrics: dict[str, torch.Tensor | float], **kwargs) -> None:
+        """Log this rank's figures reduced across ranks: their mean (``*_max`` figures: their maximum), so that under
+        data parallelism the logs speak for every rank's rows, not rank 0's alone. Every rank holds the same number
+        of rows, so a row mean is the global one; a token mean becomes the mean of the ranks' token means. One
+        collective per figure: every rank must log the same names (never names that depend on the batch)."""
+        for name, value in metrics.items():
+            reduce_fx = "max" if name.endswith("_max") else "mean"
+            self.log(name, value, sync_dist=True, reduce_fx=reduce_fx, **kwargs)
 
     def batch_position(self, cursor: int | None = None) -> tuple[int, int]:
         """(optimiser step, index of its first row in the step's global batch) of this rank's training

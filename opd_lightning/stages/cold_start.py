@@ -174,12 +174,15 @@ class ColdStart(PolicyModule):
         loss, metrics = completion_nll(logits, samples.completion_ids, mask, normalizer=self.token_normalizer(mask))
 
         self.log_loss(loss)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
-        self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
-        self.log("train/frac_kept", keep.float().mean())
+        self.log_across_ranks({f"train/{k}": v for k, v in metrics.items()})
+        self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum", sync_dist=True)
+        self.log_across_ranks({"train/frac_kept": keep.float().mean()})
         if self.cache is None:  # in cache mode: cache/teacher_accuracy, logged once at fit start
-            self.log("train/teacher_reward", torch.tensor([r["reward"] for r in rows]).mean())
-            self.log("train/teacher_accuracy", correct.float().mean())
+            self.log_across_ranks({
+                "train/teacher_reward": torch.tensor([r["reward"] for r in rows]).mean(),
+                "train/teacher_accuracy": correct.float().mean(),
+            })  # fmt: skip
+            # per domain: this rank's own (the domains in a batch differ between ranks, and so would the names)
             for domain in sorted(set(samples.domains)):
                 self.log(
                     f"train/teacher_accuracy/{domain}",

@@ -276,8 +276,8 @@ class GRPO(PolicyModule):
             "train/update_time_s": torch.tensor(update_time),
         }
         self.train_accuracy.reset()
-        self.log("train/reward_mean", logs.pop("train/reward_mean"), prog_bar=True)
-        self.log_dict(logs)
+        self.log_across_ranks({"train/reward_mean": logs.pop("train/reward_mean")}, prog_bar=True)
+        self.log_across_ranks(logs)
         return {"train/reward_mean": group_metrics["reward_mean"], **logs}
 
     def verifier_reward(self, completions: list[str], entries: list[dict]) -> tuple[Tensor, Tensor]:

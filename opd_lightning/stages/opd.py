@@ -358,7 +358,7 @@ class MultiExpertOPD(PolicyModule):
             normalizer=self.token_normalizer(mask),
         )
         self.log_loss(loss)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+        self.log_across_ranks({f"train/{k}": v for k, v in metrics.items()})
         self._log_routed(rollout, scores, reward, exact, off_policy)
         return loss
 
@@ -408,11 +408,14 @@ class MultiExpertOPD(PolicyModule):
                 for t, s in scores.seconds.items()
             }
         )
-        seconds = sum(scores.seconds.values())
+        seconds = sum(scores.seconds.values())  # throughputs stay per rank: a rank's own teachers' speed
         self.log("train/teacher_tokens_per_s", sum(scores.tokens.values()) / max(seconds, 1e-9))
-        if scores.stats:
-            self.log("train/full_reverse_kl", masked_mean(scores.stats["reverse_kl"], mask), prog_bar=True)
-        self.log("train/reward", reward.mean())
-        self.log("train/completion_length", lengths.mean())
-        self.log("train/truncated_fraction", rollout.is_truncated.float().mean())
-        self.log("train/off_policy", float(off_policy))
+        if scores.stats:  # computed on the same steps on every rank (_stats_due)
+            full_reverse_kl = masked_mean(scores.stats["reverse_kl"], mask)
+            self.log_across_ranks({"train/full_reverse_kl": full_reverse_kl}, prog_bar=True)
+        self.log_across_ranks({
+            "train/reward": reward.mean(),
+            "train/completion_length": lengths.mean(),
+            "train/truncated_fraction": rollout.is_truncated.float().mean(),
+        })  # fmt: skip
+        self.log("train/off_policy", float(off_policy))  # one coin per step, the same on every rank

@@ -20,6 +20,6 @@ class SFT(PolicyModule):
         logits = completion_logits(self.policy, batch.input_ids, batch.attention_mask, mask.shape[1])  # [B, C, V]
         loss, metrics = completion_nll(logits, batch.completion_ids, mask, normalizer=self.token_normalizer(mask))
         self.log_loss(loss)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()})
-        self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum")
+        self.log_across_ranks({f"train/{k}": v for k, v in metrics.items()})
+        self.log("train/completion_tokens", mask.sum().float(), reduce_fx="sum", sync_dist=True)
         return loss
