@@ -620,8 +620,8 @@ def compile_forwards(model: nn.Module) -> str | None:
     runs as separate small ops. Measured on the 2-core CPU, 1 thread, CPU time, the benchmark's batch (8 rows, 52
     prompt + 32 completion tokens): the 10M teacher's scoring forward 158 -> 136 ms (-14%), the 1M student's
     forward + backward 71 -> 54 ms (-24%), after a first call that compiles for ~25-35 CPU-s per model and grad
-    mode; the whole OPD step with ``sampling.compile`` too is 1.3x faster (``tools/bench.py --compile``). Refused for FSDP2-sharded models, whose forward hooks gather parameters.
-    Torch keeps at most ``torch._dynamo.config.recompile_limit`` (8) graphs per forward kind: past it (many
+    mode; the whole OPD step with ``sampling.compile`` too is 1.3x faster (``tools/bench.py --compile``).
+    Refused for FSDP2-sharded models, whose forward hooks gather parameters. Torch keeps at most ``torch._dynamo.config.recompile_limit`` (8) graphs per forward kind: past it (many
     teachers), further models run eagerly, with torch's warning.
     """
     if is_sharded(model):
