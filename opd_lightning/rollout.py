@@ -52,8 +52,9 @@ wrapper 0.34 ms, matmuls 0.24, SDPA 0.12, dynamo's guard check and pre-graph cod
 the compiled step gains little because transformers' SDPA path repeats the grouped KV heads
 (``repeat_kv``) under compile, copying the whole static cache every layer and step, where eager it
 folds them into the query. Tried and dropped: inductor's ``cpp_wrapper`` (no gain per step, longer
-compile) and ``max-autotune-no-cudagraphs`` (a step 1.6x faster than eager, against 2.3x by default). The compile is not the
-default: it pays off after a few hundred rollouts, and every test and first step would pay for it.
+compile) and ``max-autotune-no-cudagraphs`` (a step 1.6x faster than eager, against 2.3x by default).
+The compile is not the default: it pays off after a few hundred rollouts, and every test and first step
+would pay for it.
 """
 
 from __future__ import annotations
@@ -284,12 +285,12 @@ def _decode_step(
 
 
 @functools.cache
-def _compiled_decode_step() -> Callable[..., tuple[Tensor, Tensor]]:
-    # dynamic=True: one graph serves every batch size and prompt length (the static cache's length is
-    # P + max_new_tokens, so it changes from batch to batch); a graph per shape compiles again each time.
-    # (Sizes that happen to be equal in the first call, e.g. that length and head_dim, are assumed equal
-    # by the first graph, which costs one more compile when they first differ.)
-    return torch.compile(_decode_step, fullgraph=True, dynamic=True)
+def _compiled(fn: Callable, fullgraph: bool = False) -> Callable:
+    # dynamic=True: one graph serves every batch size and length (for the decode step, the static cache's length
+    # P + max_new_tokens changes from batch to batch); a graph per shape would compile again for each. (Sizes that
+    # happen to be equal in the first call, e.g. that length and head_dim, are assumed equal by the first graph,
+    # which costs one more compile when they first differ.)
+    return torch.compile(fn, fullgraph=fullgraph, dynamic=True)
 
 
 def _compile_refused(model: nn.Module) -> str | None:
@@ -435,7 +436,7 @@ def generate(
 
         # Fixed-size KV buffers written in place: the compiled step sees the same tensors at every step.
         prefill_kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=p + c_max)
-    step = _compiled_decode_step() if compiled else _decode_step
+    step = _compiled(_decode_step, fullgraph=True) if compiled else _decode_step
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -621,19 +622,14 @@ def compile_forwards(model: nn.Module) -> str | None:
     prompt + 32 completion tokens): the 10M teacher's scoring forward 158 -> 136 ms (-14%), the 1M student's
     forward + backward 71 -> 54 ms (-24%), after a first call that compiles for ~25-35 CPU-s per model and grad
     mode; the whole OPD step with ``sampling.compile`` too is 1.3x faster (``tools/bench.py --compile``).
-    Refused for FSDP2-sharded models, whose forward hooks gather parameters. Torch keeps at most ``torch._dynamo.config.recompile_limit`` (8) graphs per forward kind: past it (many
-    teachers), further models run eagerly, with torch's warning.
+    Refused for FSDP2-sharded models, whose forward hooks gather parameters. Torch keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) graphs per forward kind: past it (many teachers), further models
+    run eagerly, with torch's warning.
     """
     if is_sharded(model):
         return "it is FSDP2-sharded (its forward hooks gather parameters inside the graph)"
     _COMPILED_FORWARDS.add(model)
     return None
-
-
-@functools.cache
-def _compiled(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    # dynamic=True: one graph for every batch and length (a static-shape graph compiles again for each new width)
-    return torch.compile(forward, dynamic=True)
 
 
 _HEADS: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
