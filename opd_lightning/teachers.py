@@ -16,12 +16,12 @@ Mechanics, in the order a batch meets them:
   teacher-forced forward per micro-batch (bounded in rows and in padded tokens, :func:`forward_chunks`), under
   ``no_grad``. It returns the teacher log-probs of the sampled tokens and, as the loss needs them, either the
   full teacher logits of the completion positions (dense, or kept as hidden states and LM heads for the losses
-  to make a chunk at a time) or only a top-k support (O(k) per token). Unless the full logits are asked for,
-  the forward stops at the final
-  hidden states and the LM head runs on a chunk of completion positions at a time, each chunk reduced before
-  the next (:mod:`opd_lightning.ops`), so the top-k and sampled-token paths never hold ``[N, C, V]``. Given
-  the student's logits it also returns :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL,
-  entropies, top-k overlap), computed on the same chunks, so top-k mode monitors the exact KL.
+  to make a chunk at a time) or only a top-k support (O(k) per token). Unless the dense full logits are asked
+  for, the forward stops at the final hidden states and the LM head runs on a chunk of completion positions at
+  a time, each chunk reduced before the next (:mod:`opd_lightning.ops`), so the top-k and sampled-token paths
+  never hold ``[N, C, V]``. Given the student's logits it also returns
+  :func:`opd_lightning.metrics.distillation_stats` (exact reverse KL, entropies, top-k overlap), computed on
+  the same chunks, so top-k mode monitors the exact KL.
 * Teachers stay in eval mode whatever ``.train()`` says, and never hold gradients (``load_frozen``).
 """
 
@@ -350,6 +350,7 @@ class TeacherPool(TeacherRoutes, nn.Module):
         lengths = rollout.prompt_mask.sum(-1), mask.sum(-1)  # [N], [N]
         chunks = {name: forward_chunks(rows, *lengths, micro_batch_size, token_budget) for name, rows in routed.items()}
         idle = self.idle_forwards({name: len(parts) for name, parts in chunks.items()}, device)
+        forward = completion_logits if keep_logits and not lazy_logits else lazy_completion_logits
         for name in self.names:
             model = self.models[name]
             for _ in range(idle[name]):  # a sharded teacher's forward is a collective: join the other ranks'
@@ -359,7 +360,6 @@ class TeacherPool(TeacherRoutes, nn.Module):
             rows = routed[name]
             start = time.perf_counter()
             for chunk in chunks[name]:
-                forward = completion_logits if keep_logits and not lazy_logits else lazy_completion_logits
                 teacher = forward(model, input_ids[chunk], attention_mask[chunk], c)  # [m, C, V]
                 if keep_logits and lazy_logits:
                     kept.append((chunk, teacher))
