@@ -265,14 +265,13 @@ class OursGRPO:
                            grpo=GRPOConfig(loss_type="dapo", max_grad_norm=None),
                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5), **compiled_forwards(compile))  # fmt: skip
         self.data = datamodule(self.module.tokenizer, prompts)
-        self.timer, self.tokens, self.shapes = StepTimer(), [], []
+        self.timer, self.shapes = StepTimer(), []
 
     def run(self, steps: int) -> None:
         sample = self.module.sample
 
         def counted(*args, **kwargs):
             rollout = sample(*args, **kwargs)
-            self.tokens.append(int(rollout.completion_mask.sum()))
             self.shapes.append((rollout.prompt_mask.sum(-1).tolist(), rollout.completion_mask.sum(-1).tolist()))
             return rollout
 
